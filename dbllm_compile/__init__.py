@@ -1,0 +1,40 @@
+"""dbllm_compile: 2-bit dual-binary (DB-LLM) quantization of any PyTorch model's linears.
+
+Quick start::
+
+    import torch, dbllm_compile
+    qmodel = dbllm_compile.quantize(model, (example_ids,), dbllm_compile.DBLLMConfig(group_size=64),
+                                    example_kwargs={"use_cache": False})
+    ...  # distil / fine-tune qmodel (its scales and latent weights are parameters)
+    deployed = dbllm_compile.convert(qmodel)   # packed 2-bit planes + fp16 scales
+
+Importing this package registers the ``torch.ops.dbllm`` operators.
+"""
+
+from dbllm_compile import ops  # noqa: F401  (registers torch.ops.dbllm.*)
+from dbllm_compile.api import DBLLMModel, SizeReport, convert, quantize
+from dbllm_compile.config import CONFIG_VERSION, DBLLMConfig
+from dbllm_compile.errors import (
+    ArtifactError,
+    ConfigError,
+    DBLLMError,
+    GraphPassError,
+    QuantizationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONFIG_VERSION",
+    "ArtifactError",
+    "ConfigError",
+    "DBLLMConfig",
+    "DBLLMError",
+    "DBLLMModel",
+    "GraphPassError",
+    "QuantizationError",
+    "SizeReport",
+    "convert",
+    "quantize",
+    "__version__",
+]

@@ -1,0 +1,204 @@
+"""Public API: quantize a model into its trainable dual-binary form, and convert it to bits."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import fx
+
+from dbllm_compile.config import DBLLMConfig
+from dbllm_compile.errors import DBLLMError
+from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
+from dbllm_compile.passes.export import export_model
+from dbllm_compile.passes.pack_linears import PackedLayer, pack_linears
+from dbllm_compile.passes.quantize_linears import PassReport, quantize_linears
+
+__all__ = ["DBLLMModel", "SizeReport", "quantize", "convert"]
+
+
+def _tqdm(desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return lambda items: tqdm(items, desc=desc, disable=not enabled, unit="layer", leave=False)
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Storage of a model.
+
+    Attributes:
+        total_bytes: every parameter and buffer, at its dtype (tied tensors counted once).
+        quantized_weights: number of weights held as dual-binary.
+        quantized_bytes: bytes of their packed bits plus scales (deploy form).
+        bits_per_weight: ``8 * quantized_bytes / quantized_weights``.
+    """
+
+    total_bytes: int
+    quantized_weights: int
+    quantized_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.quantized_bytes / self.quantized_weights if self.quantized_weights else float("nan")
+
+    @property
+    def total_mb(self) -> float:
+        return self.total_bytes / 1e6
+
+
+class DBLLMModel(torch.nn.Module):
+    """A model whose linears are dual-binary ops.
+
+    ``stage == "train"``: the output of :func:`quantize`; latent weights and float32 scales are
+    parameters, trainable with any optimizer. ``stage == "deploy"``: the output of
+    :func:`convert`; packed bits and stored scales are buffers.
+
+    Attributes:
+        graph_module: the rewritten exported graph (call it like the original model).
+        config: the :class:`DBLLMConfig` used.
+        report: the :class:`~dbllm_compile.passes.quantize_linears.PassReport`.
+        stage: ``"train"`` or ``"deploy"``.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, config: DBLLMConfig, report: PassReport, stage: str):
+        super().__init__()
+        self.graph_module = graph_module
+        self.config = config
+        self.report = report
+        self.stage = stage
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    def _op_nodes(self) -> list[fx.Node]:
+        op = TRAIN_OP if self.stage == "train" else DEPLOY_OP
+        return [n for n in self.graph_module.graph.nodes if n.op == "call_function" and n.target == op]
+
+    def _attr(self, target: str) -> torch.Tensor:
+        obj: Any = self.graph_module
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def scale_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The learnable scales ``a1``, ``a2`` of every dual-binary layer (train stage)."""
+        self._require_stage("train", "scale_parameters")
+        seen: set[str] = set()
+        for node in self._op_nodes():
+            for arg in node.args[2:4]:
+                if arg.target not in seen:
+                    seen.add(arg.target)
+                    yield self._attr(arg.target)
+
+    def latent_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The latent weights of every dual-binary layer (train stage; trained through the STE)."""
+        self._require_stage("train", "latent_parameters")
+        seen: set[str] = set()
+        for node in self._op_nodes():
+            target = node.args[1].target
+            if target not in seen:
+                seen.add(target)
+                yield self._attr(target)
+
+    def _require_stage(self, stage: str, what: str) -> None:
+        if self.stage != stage:
+            raise DBLLMError(f"{what}() needs a model in the {stage!r} stage; this one is {self.stage!r}")
+
+    def size_report(self) -> SizeReport:
+        """Bytes of the model as it would be deployed (see :class:`SizeReport`)."""
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.graph_module.parameters()) + list(self.graph_module.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        nq = 0
+        qbytes = 0
+        scale_size = self.config.torch_scale_dtype.itemsize
+        for layer in self.report.rewritten:
+            nq += layer.in_features * layer.out_features
+            groups = layer.padded_in_features // self.config.group_size
+            qbytes += 2 * layer.out_features * layer.padded_in_features // 8
+            qbytes += 2 * layer.out_features * groups * scale_size
+        if self.stage == "train":  # count the deployed storage, not the latent weights
+            latent = sum(p.numel() * p.element_size() for p in self.latent_parameters())
+            scales = sum(p.numel() * p.element_size() for p in self.scale_parameters())
+            total = total - latent - scales + qbytes
+        return SizeReport(total_bytes=total, quantized_weights=nq, quantized_bytes=qbytes)
+
+
+def quantize(
+    model: torch.nn.Module,
+    example_inputs: tuple = (),
+    config: DBLLMConfig | None = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> DBLLMModel:
+    """Export ``model`` and rewrite its linears into trainable dual-binary ops.
+
+    The model is traced with ``torch.export`` (dynamic batch and sequence where possible);
+    every linear in the graph — ``nn.Linear``, ``x @ W``, ``addmm`` including transposed
+    layouts such as GPT-2's ``Conv1D`` — that the config selects is replaced by
+    ``dbllm.db_linear_train`` with learnable scales initialised by per-group error
+    minimisation. ``model`` itself is not modified.
+
+    Args:
+        model: any module ``torch.export`` can trace.
+        example_inputs: positional example inputs (batch and sequence >= 2 to keep them dynamic).
+        config: a :class:`DBLLMConfig`; defaults to ``DBLLMConfig()``.
+        example_kwargs: keyword example inputs (e.g. ``{"use_cache": False}`` for HF models).
+        progress: show a progress bar over layers.
+
+    Returns:
+        A :class:`DBLLMModel` in the ``"train"`` stage; ``.report`` says what was rewritten.
+
+    Example:
+        >>> import dbllm_compile
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        >>> q = dbllm_compile.quantize(mlp, (torch.randn(4, 64),), dbllm_compile.DBLLMConfig(keep_head=False), progress=False)
+        >>> len(q.report.rewritten), q(torch.randn(3, 64)).shape
+        (2, torch.Size([3, 64]))
+    """
+    config = config or DBLLMConfig()
+    if not isinstance(config, DBLLMConfig):
+        raise TypeError(f"config must be a DBLLMConfig, got {type(config).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        ep, notes = export_model(model, example_inputs, example_kwargs, dynamic=config.dynamic)
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    report = quantize_linears(gm, config, progress=_tqdm("quantize", progress))
+    report.notes[:0] = notes
+    return DBLLMModel(gm, config, report, stage="train")
+
+
+def convert(qmodel: DBLLMModel, *, inplace: bool = False, progress: bool = True) -> DBLLMModel:
+    """Pack a trained model: bits and stored scales replace latent weights and float32 scales.
+
+    The result computes exactly what ``qmodel`` computes (same bits, same rounded scales).
+
+    Example:
+        >>> import dbllm_compile
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        >>> x = torch.randn(3, 64)
+        >>> q = dbllm_compile.quantize(mlp, (x,), progress=False)
+        >>> d = dbllm_compile.convert(q, progress=False)
+        >>> torch.equal(q(x), d(x))
+        True
+    """
+    if not isinstance(qmodel, DBLLMModel) or qmodel.stage != "train":
+        got = qmodel.stage if isinstance(qmodel, DBLLMModel) else type(qmodel).__name__
+        raise DBLLMError(f"convert() takes the output of quantize() (a DBLLMModel in the 'train' stage), got {got!r}")
+    gm = qmodel.graph_module if inplace else copy.deepcopy(qmodel.graph_module)
+    with torch.no_grad():
+        pack_linears(gm, progress=_tqdm("convert", progress))
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return DBLLMModel(gm, qmodel.config, qmodel.report, stage="deploy")

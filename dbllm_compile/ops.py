@@ -1,0 +1,146 @@
+"""The dual-binary linear as ``torch.library`` operators (defined here and nowhere else).
+
+``torch.ops.dbllm.db_linear_train(x, weight, a1, a2, bias, group_size, scale_dtype)``
+    Training form. ``weight`` is the latent ``[N, K]`` weight, ``a1``/``a2`` the learnable
+    ``[N, ceil(K/G)]`` scales. Forward: nearest-level bits of the latent weight for the scales
+    rounded to ``scale_dtype``, ``y = x @ (a1*b1 + a2*b2).T + bias``. Backward:
+
+    - ``dL/dx = dL/dy @ w_hat``
+    - ``dL/dweight = dL/dw_hat`` (straight-through estimator through the bit assignment)
+    - ``dL/da1[n, g] = sum_{k in g} dL/dw_hat[n, k] * b1[n, k]`` (and ``a2`` with ``b2``;
+      straight through the rounding to ``scale_dtype``)
+    - ``dL/dbias = sum of dL/dy`` over all leading dimensions.
+
+``torch.ops.dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size)``
+    Deploy form: ``packed`` is ``uint8 [2, N, K_pad/8]`` in the reference layout of
+    :mod:`dbllm_compile.reference.packing`, ``a1``/``a2`` the stored scales. Inference only.
+
+The default (CPU) implementations are the pure-PyTorch references in
+:mod:`dbllm_compile.reference.linear`. Device kernels plug in per device key with
+``db_linear.register_kernel("cuda")`` (see :mod:`dbllm_compile.backends`); the schemas, fake
+kernels and autograd live here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dbllm_compile.reference.dual_binary import num_groups
+from dbllm_compile.reference.linear import (
+    db_linear_packed_reference,
+    db_linear_train_reference,
+    train_weight_reference,
+)
+
+__all__ = ["db_linear", "db_linear_train", "TRAIN_OP", "DEPLOY_OP"]
+
+
+def _check_train_args(x, weight, a1, a2, bias, group_size) -> None:
+    n, k = weight.shape
+    g = num_groups(k, group_size)
+    torch._check(x.shape[-1] == k, lambda: f"db_linear_train: x has {x.shape[-1]} features, weight expects {k}")
+    torch._check(tuple(a1.shape) == (n, g), lambda: f"db_linear_train: a1 shape {tuple(a1.shape)} != {(n, g)}")
+    torch._check(tuple(a2.shape) == (n, g), lambda: f"db_linear_train: a2 shape {tuple(a2.shape)} != {(n, g)}")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (n,), lambda: f"db_linear_train: bias shape {tuple(bias.shape)} != {(n,)}")
+
+
+@torch.library.custom_op("dbllm::db_linear_train", mutates_args=())
+def db_linear_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    a1: torch.Tensor,
+    a2: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    scale_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Training form of the dual-binary linear (see the module docstring)."""
+    _check_train_args(x, weight, a1, a2, bias, group_size)
+    return db_linear_train_reference(x, weight, a1, a2, bias, group_size, scale_dtype)
+
+
+@db_linear_train.register_fake
+def _db_linear_train_fake(x, weight, a1, a2, bias, group_size, scale_dtype):
+    _check_train_args(x, weight, a1, a2, bias, group_size)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _train_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, a1, a2, bias, group_size, scale_dtype = inputs
+    ctx.save_for_backward(x, weight, a1, a2)
+    ctx.group_size = group_size
+    ctx.scale_dtype = scale_dtype
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _train_backward(ctx: Any, grad_y: torch.Tensor):
+    x, weight, a1, a2 = ctx.saved_tensors
+    g = ctx.group_size
+    n, k = weight.shape
+    w_hat, b1, b2 = train_weight_reference(weight, a1, a2, g, ctx.scale_dtype)
+    grad_x = grad_w = grad_a1 = grad_a2 = grad_b = None
+    gy2 = grad_y.reshape(-1, n)
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_y @ w_hat.to(grad_y.dtype)).to(x.dtype)
+    if any(ctx.needs_input_grad[1:4]):
+        acc = torch.promote_types(torch.float32, x.dtype)  # at least float32 accumulation
+        grad_w_hat = gy2.to(acc).T @ x.reshape(-1, k).to(acc)  # [N, K]
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_w_hat.to(weight.dtype)
+        pad = b1.shape[1] - k
+        gw = torch.nn.functional.pad(grad_w_hat, (0, pad)).reshape(n, -1, g)
+        if ctx.needs_input_grad[2]:
+            grad_a1 = (gw * b1.reshape(n, -1, g)).sum(-1).to(a1.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a2 = (gw * b2.reshape(n, -1, g)).sum(-1).to(a2.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_b = gy2.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_a1, grad_a2, grad_b, None, None
+
+
+db_linear_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+def _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size) -> None:
+    n = packed.shape[1]
+    g = num_groups(in_features, group_size)
+    torch._check(packed.dtype == torch.uint8, lambda: f"db_linear: packed must be uint8, got {packed.dtype}")
+    torch._check(
+        packed.dim() == 3 and packed.shape[0] == 2 and packed.shape[2] * 8 == g * group_size,
+        lambda: f"db_linear: packed shape {tuple(packed.shape)} does not hold 2 planes of "
+        f"{g * group_size} bits",
+    )
+    torch._check(x.shape[-1] == in_features, lambda: f"db_linear: x has {x.shape[-1]} features, layer expects {in_features}")
+    torch._check(tuple(a1.shape) == (n, g), lambda: f"db_linear: a1 shape {tuple(a1.shape)} != {(n, g)}")
+    torch._check(tuple(a2.shape) == (n, g), lambda: f"db_linear: a2 shape {tuple(a2.shape)} != {(n, g)}")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (n,), lambda: f"db_linear: bias shape {tuple(bias.shape)} != {(n,)}")
+
+
+@torch.library.custom_op("dbllm::db_linear", mutates_args=())
+def db_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    a1: torch.Tensor,
+    a2: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Deploy form of the dual-binary linear (see the module docstring)."""
+    _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size)
+    return db_linear_packed_reference(x, packed, a1, a2, bias, in_features, group_size)
+
+
+@db_linear.register_fake
+def _db_linear_fake(x, packed, a1, a2, bias, in_features, group_size):
+    _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size)
+    return x.new_empty((*x.shape[:-1], packed.shape[1]))
+
+
+TRAIN_OP = torch.ops.dbllm.db_linear_train.default
+DEPLOY_OP = torch.ops.dbllm.db_linear.default

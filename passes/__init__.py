@@ -1,0 +1,12 @@
+"""FX graph passes (installed as ``dbllm_compile.passes``).
+
+- :mod:`~dbllm_compile.passes.export`: ``torch.export`` with dynamic batch/sequence.
+- :mod:`~dbllm_compile.passes.linear_match`: find linear nodes in any architecture.
+- :mod:`~dbllm_compile.passes.graph_analysis`: networkx analyses (heads, shared inputs, blocks).
+- :mod:`~dbllm_compile.passes.quantize_linears`: rewrite linears into the training op.
+- :mod:`~dbllm_compile.passes.pack_linears`: rewrite the training op into the packed deploy op.
+
+Invariants every pass keeps: ``node.meta["val"]`` of a replaced node is carried to its
+replacement (same shape and dtype), no aliasing is introduced, and the graph is linted and the
+module recompiled before it is returned.
+"""

@@ -1,0 +1,99 @@
+"""Rewrite the training op into the packed deploy op (the convert step).
+
+For each ``dbllm.db_linear_train`` node: the scales are rounded to ``scale_dtype`` and stored
+as buffers, the bits are assigned from the latent weight exactly as the training op's forward
+does and packed (:mod:`dbllm_compile.reference.packing`), and the node becomes
+``dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size)``. Latent weights and
+float32 scales are removed afterwards, so the deployed module holds 2 bits per weight plus the
+scales. The training and deploy forms then compute bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import fx
+
+from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
+from dbllm_compile.reference.linear import train_weight_reference
+from dbllm_compile.reference.packing import pack_planes
+from dbllm_compile.passes.linear_match import get_attr_value
+from dbllm_compile.passes.quantize_linears import _set_attr, erase_if_dead
+
+__all__ = ["PackedLayer", "pack_linears"]
+
+
+@dataclass
+class PackedLayer:
+    """A layer in deploy form and its storage."""
+
+    weight: str
+    out_features: int
+    in_features: int
+    packed_bytes: int
+    scale_bytes: int
+
+
+def _remove_attr(gm: fx.GraphModule, target: str) -> None:
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if hasattr(owner, attr):
+        delattr(owner, attr)
+
+
+@torch.no_grad()
+def pack_linears(
+    gm: fx.GraphModule,
+    *,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> list[PackedLayer]:
+    """Convert every training-form node of ``gm`` in place; returns what was packed."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == TRAIN_OP]
+    training_attrs = {arg.target for n in nodes for arg in n.args[1:4]}
+    done: dict[str, tuple[str, str, str, PackedLayer]] = {}
+    iterator: Iterable = nodes if progress is None else progress(nodes)
+    for node in iterator:
+        x, w_node, a1_node, a2_node, bias, group_size, scale_dtype = node.args
+        target = w_node.target
+        if target not in done:
+            weight = get_attr_value(gm, target)
+            a1 = get_attr_value(gm, a1_node.target)
+            a2 = get_attr_value(gm, a2_node.target)
+            _, b1, b2 = train_weight_reference(weight, a1, a2, group_size, scale_dtype)
+            packed = pack_planes(b1, b2)
+            s1 = a1.detach().to(scale_dtype)
+            s2 = a2.detach().to(scale_dtype)
+            names = (f"{target}_packed", f"{target}_a1_{str(scale_dtype).split('.')[-1]}",
+                     f"{target}_a2_{str(scale_dtype).split('.')[-1]}")
+            _set_attr(gm, names[0], packed, parameter=False)
+            _set_attr(gm, names[1], s1, parameter=False)
+            _set_attr(gm, names[2], s2, parameter=False)
+            layer = PackedLayer(
+                weight=target,
+                out_features=weight.shape[0],
+                in_features=weight.shape[1],
+                packed_bytes=packed.numel(),
+                scale_bytes=s1.numel() * s1.element_size() * 2,
+            )
+            done[target] = (*names, layer)
+        packed_t, a1_t, a2_t, layer = done[target]
+        with gm.graph.inserting_before(node):
+            args = [gm.graph.get_attr(t) for t in (packed_t, a1_t, a2_t)]
+            new = gm.graph.call_function(
+                DEPLOY_OP, (x, *args, bias, layer.in_features, group_size)
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        old_inputs = list(node.all_input_nodes)
+        gm.graph.erase_node(node)
+        for inp in old_inputs:
+            erase_if_dead(gm, inp)
+    # Drop latent weights and float32 scales no node reads any more.
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in training_attrs - still_read:
+        _remove_attr(gm, target)
+    gm.graph.lint()
+    gm.recompile()
+    return [v[3] for v in done.values()]
