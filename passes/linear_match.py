@@ -107,6 +107,29 @@ def _is_param_like(node: fx.Node) -> bool:
     return isinstance(base, fx.Node) and base.op == "get_attr"
 
 
+def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a graph input (activations), as opposed to parameters only."""
+    dep: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def _derived_from_param(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from some ``get_attr`` (a computed weight, not an activation)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def find_linear_sites(gm: fx.GraphModule) -> tuple[list[LinearSite], list[SkippedSite], int]:
     """All linear sites of ``gm`` in graph order, the skipped look-alikes, and the number of
     activation-by-activation products.
@@ -122,6 +145,7 @@ def find_linear_sites(gm: fx.GraphModule) -> tuple[list[LinearSite], list[Skippe
     sites: list[LinearSite] = []
     skipped: list[SkippedSite] = []
     activation_products = 0
+    input_dependent = _input_dependent(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _MATMULS:
             continue
@@ -142,6 +166,9 @@ def find_linear_sites(gm: fx.GraphModule) -> tuple[list[LinearSite], list[Skippe
                 skipped.append(
                     SkippedSite(node.name, node.name, "the parameter is the left operand (W @ x); only x @ W is a linear")
                 )
+            elif isinstance(w, fx.Node) and w not in input_dependent and _derived_from_param(w):
+                _, _, why = _resolve_weight(w)
+                skipped.append(SkippedSite(node.name, node.name, why or "weight is computed from a parameter"))
             else:
                 activation_products += 1
             continue
