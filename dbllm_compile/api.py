@@ -62,16 +62,34 @@ class DBLLMModel(torch.nn.Module):
         config: the :class:`DBLLMConfig` used.
         report: the :class:`~dbllm_compile.passes.quantize_linears.PassReport`.
         stage: ``"train"`` or ``"deploy"``.
+        fixed_kwargs: non-tensor keyword arguments the model was exported with (e.g.
+            ``use_cache=False``); they are baked into the graph, so calls may omit them.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, config: DBLLMConfig, report: PassReport, stage: str):
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        config: DBLLMConfig,
+        report: PassReport,
+        stage: str,
+        fixed_kwargs: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.graph_module = graph_module
         self.config = config
         self.report = report
         self.stage = stage
+        self.fixed_kwargs = dict(fixed_kwargs or {})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for key, value in self.fixed_kwargs.items():
+            if key in kwargs and kwargs[key] != value:
+                raise DBLLMError(
+                    f"this model was exported with {key}={value!r}, which is baked into its graph; "
+                    f"it cannot be called with {key}={kwargs[key]!r} (quantize again with "
+                    f"example_kwargs={{{key!r}: {kwargs[key]!r}}})"
+                )
+            kwargs.setdefault(key, value)
         return self.graph_module(*args, **kwargs)
 
     def _op_nodes(self) -> list[fx.Node]:
@@ -176,7 +194,12 @@ def quantize(
     gm = ep.module()
     report = quantize_linears(gm, config, progress=_tqdm("quantize", progress))
     report.notes[:0] = notes
-    return DBLLMModel(gm, config, report, stage="train")
+    fixed = {k: v for k, v in (example_kwargs or {}).items() if not isinstance(v, torch.Tensor) and not _has_tensor(v)}
+    return DBLLMModel(gm, config, report, stage="train", fixed_kwargs=fixed)
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
 
 
 def convert(qmodel: DBLLMModel, *, inplace: bool = False, progress: bool = True) -> DBLLMModel:
@@ -201,4 +224,4 @@ def convert(qmodel: DBLLMModel, *, inplace: bool = False, progress: bool = True)
         pack_linears(gm, progress=_tqdm("convert", progress))
     for p in gm.parameters():
         p.requires_grad_(False)
-    return DBLLMModel(gm, qmodel.config, qmodel.report, stage="deploy")
+    return DBLLMModel(gm, qmodel.config, qmodel.report, stage="deploy", fixed_kwargs=qmodel.fixed_kwargs)

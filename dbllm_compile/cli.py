@@ -47,16 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage(timings: dict[str, float], name: str, console: Any):
+    from rich.markup import escape
+
+    shown = escape(name)
+
     class _Timer:
         def __enter__(self):
-            console.print(f"[bold]>[/bold] {name} ...")
+            console.print(f"[bold]>[/bold] {shown} ...")
             self.t = time.perf_counter()
             return self
 
         def __exit__(self, *exc):
             timings[name] = time.perf_counter() - self.t
             if exc[0] is None:
-                console.print(f"  {name} done in {timings[name]:.1f} s")
+                console.print(f"  {shown} done in {timings[name]:.1f} s")
             return False
 
     return _Timer()
@@ -65,6 +69,7 @@ def _stage(timings: dict[str, float], name: str, console: Any):
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     import dbllm_compile as dc
@@ -130,7 +135,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     table = Table(title=f"dbllm-compile quantize: {args.model}, W2 (dual-binary) g{config.group_size}")
     table.add_column("model")
     for label in texts:
-        table.add_column(f"ppl {label}\n({results['perplexity'][label]['windows']}x{args.seq_len} tok)", justify="right")
+        table.add_column(f"ppl {escape(label)}\n({results['perplexity'][label]['windows']}x{args.seq_len} tok)", justify="right")
     table.add_column("size MB", justify="right")
     table.add_column("bits/weight\n(quantized linears)", justify="right")
     fp_dtype = str(next(model.parameters()).dtype).split(".")[-1]
@@ -142,7 +147,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     timing.add_column("stage")
     timing.add_column("seconds", justify="right")
     for k, v in timings.items():
-        timing.add_row(k, f"{v:.1f}")
+        timing.add_row(escape(k), f"{v:.1f}")
     out_console = Console()
     out_console.print(table)
     out_console.print(timing)

@@ -20,57 +20,6 @@ from dbllm_compile.models import (
 ACCEPTED = "expected one of"
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocab ~300) trained in memory on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    sentences = [
-        "the quick brown fox jumps over the lazy dog",
-        "a tiny llama reads the quick brown book",
-        "quantization to two bits keeps the model small",
-    ] * 4
-    backend = Tokenizer(tok_models.BPE(unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(sentences, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, object]:
-    """A tiny random Llama (hidden 64, 2 layers) + tokenizer saved as a Hugging Face directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory, model, tokenizer
-
-
 # ----------------------------------------------------------------------------- errors
 
 

@@ -1,0 +1,43 @@
+"""The ``dbllm-compile`` command line, end to end on a tiny local Hugging Face model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dbllm_compile.cli import main
+
+
+def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
+    directory, _, _ = tiny_hf_dir
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "out"
+    rc = main(["quantize", "--model", str(directory), "--eval-text", str(text), "--windows", "2",
+               "--seq-len", "32", "--out", str(out), "--json"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    results = json.loads(stdout[stdout.index("{\n"):])
+    assert results["layers_rewritten"] == 14 and results["layers_skipped"] == ["lm_head"]
+    assert results["bits_per_weight"] == pytest.approx(2.5)
+    for label in ("python-docs (default)", str(text)):
+        ppl = results["perplexity"][label]
+        assert ppl["windows"] == 2 and ppl["fp"] > 1 and ppl["2bit"] > 1
+    manifest = json.loads((out / "dbllm.json").read_text())
+    assert manifest["format_version"] == 1 and len(manifest["layers"]) == 14
+    assert (out / "model.safetensors").stat().st_size > 0
+    assert "results" in manifest
+
+
+def test_bad_config_is_a_clear_error_before_loading(capsys):
+    rc = main(["quantize", "--model", "no-such-model", "--group-size", "60"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "group_size" in err and "multiple of 8" in err
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    rc = main(["quantize", "--model", "no-such-model", "--no-default-text"])
+    assert rc == 2
+    assert "no-such-model" in capsys.readouterr().err
