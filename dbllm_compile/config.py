@@ -8,6 +8,7 @@ fields are added later.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,6 +85,15 @@ class DBLLMConfig:
                     f"DBLLMConfig.{name} must be a sequence of pattern strings, got {value!r}"
                 )
             object.__setattr__(self, name, tuple(value))
+            for pattern in value:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as err:
+                        raise ConfigError(
+                            f"DBLLMConfig.{name}: pattern {pattern!r} is not a valid regular expression "
+                            f"({err}); write a glob such as 'model.layers.*.mlp.*' or fix the regex"
+                        ) from None
         if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
             raise ConfigError(
                 f"DBLLMConfig.group_size must be a positive multiple of 8, got "
