@@ -1,0 +1,113 @@
+"""``dbllm_compile.distill``: the whole distillation pipeline in one call.
+
+    student = dbllm_compile.quantize(model, (ids,), config, example_kwargs={"use_cache": False})
+    data = generate_calibration(model, CalibrationSpec(num_sequences=64, seq_len=256))
+    result = dbllm_compile.distill(student, model, data.input_ids, DistillConfig(), out_dir="run/")
+
+Stages: block-wise reconstruction (``block_steps`` per block), then end-to-end distillation with
+the DAD-ED loss (``steps``). ``out_dir`` receives ``checkpoint.pt`` (atomic, resumable),
+``metrics.jsonl`` and the PNG plots; running the same call again after a kill resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dbllm_compile.api import DBLLMModel
+from dbllm_compile.distill.checkpoint import MetricsLog, load_checkpoint
+from dbllm_compile.distill.train import DistillConfig, train_blocks, train_end_to_end
+from dbllm_compile.errors import DBLLMError
+
+__all__ = ["DistillResult", "distill"]
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run did.
+
+    Attributes:
+        block_records: per block, relative reconstruction error before/after and seconds.
+        losses: end-to-end loss per step.
+        seconds: wall time per stage.
+        out_dir: where checkpoint, metrics and plots were written (or None).
+    """
+
+    block_records: list[dict[str, Any]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block_records": self.block_records, "losses": self.losses, "seconds": self.seconds,
+                "out_dir": None if self.out_dir is None else str(self.out_dir)}
+
+
+def distill(
+    student: DBLLMModel,
+    teacher: torch.nn.Module | Callable[[torch.Tensor], Any],
+    data: torch.Tensor,
+    config: DistillConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> DistillResult:
+    """Distil ``student`` (the output of :func:`dbllm_compile.quantize`) against ``teacher``.
+
+    Args:
+        student: a ``DBLLMModel`` in the train stage; trained in place.
+        teacher: the full-precision model (called as ``teacher(ids)``; Hugging Face models get
+            ``use_cache=False``).
+        data: calibration token ids ``[N, T]`` (e.g. from
+            :func:`~dbllm_compile.distill.calibration.generate_calibration`).
+        config: a :class:`DistillConfig`.
+        out_dir: directory for ``checkpoint.pt``, ``metrics.jsonl`` and plots; a run with the
+            same ``out_dir`` resumes from its checkpoint.
+    """
+    config = config or DistillConfig()
+    if not isinstance(student, DBLLMModel) or student.stage != "train":
+        raise DBLLMError("distill() takes the output of quantize() (a DBLLMModel in the 'train' stage)")
+    if data.dim() != 2 or data.dtype != torch.long:
+        raise DBLLMError(f"distill() data must be token ids of shape [N, T] and dtype int64, got {tuple(data.shape)} {data.dtype}")
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = out / "checkpoint.pt" if out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "distill_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        state = load_checkpoint(ckpt)
+        if state is not None and state.get("data_shape") not in (None, list(data.shape)):
+            raise DBLLMError(f"checkpoint {str(ckpt)!r} was made with data of shape {state['data_shape']}, not "
+                             f"{list(data.shape)}; use another out_dir or delete the checkpoint")
+    metrics = MetricsLog(out / "metrics.jsonl" if out else None)
+    result = DistillResult(out_dir=out)
+
+    call_teacher = teacher
+    if isinstance(teacher, torch.nn.Module) and hasattr(teacher, "config") and hasattr(teacher, "generation_config"):
+        call_teacher = lambda ids: teacher(ids, use_cache=False)  # noqa: E731
+    if isinstance(teacher, torch.nn.Module):
+        teacher.eval()
+
+    t0 = time.perf_counter()
+    result.block_records = train_blocks(student, data, config, checkpoint=ckpt, metrics=metrics, progress=progress)
+    result.seconds["blocks"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result.losses = train_end_to_end(
+        student, call_teacher, data, config, checkpoint=ckpt, metrics=metrics, progress=progress,
+        extra_state={"block_records": result.block_records, "data_shape": list(data.shape)},
+    )
+    result.seconds["e2e"] = time.perf_counter() - t0
+    if out and plots:
+        from dbllm_compile.distill.plots import plot_run
+
+        plot_run(metrics.records if metrics.records else _read_jsonl(out / "metrics.jsonl"), result, out)
+    return result
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

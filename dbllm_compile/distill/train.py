@@ -1,0 +1,350 @@
+"""The two training stages: block-wise reconstruction, then end-to-end distillation.
+
+Both train only the dual-binary parameters: the scales ``a1``, ``a2`` always, the latent weights
+(through the straight-through estimator) when ``DistillConfig.train_latent``; every other
+parameter is frozen. Both checkpoint atomically and resume: a run killed at any point and
+started again with the same arguments ends with the same parameters as an uninterrupted run
+(the data order is a pure function of the seed and the step; no other randomness is used).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dbllm_compile.api import DBLLMModel
+from dbllm_compile.distill.blocks import capture, extract_block
+from dbllm_compile.distill.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
+from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
+from dbllm_compile.errors import ConfigError, DBLLMError
+from dbllm_compile.ops import TRAIN_OP
+
+__all__ = ["DistillConfig", "train_blocks", "train_end_to_end", "trainable_parameters"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Budgets and hyperparameters of the distillation stages.
+
+    Attributes:
+        steps: end-to-end optimizer steps (0 skips the stage).
+        batch_size: sequences per end-to-end step.
+        lr: peak learning rate of the scales (end-to-end).
+        latent_lr: peak learning rate of the latent weights (when ``train_latent``).
+        train_latent: also train the latent weights through the STE (lets bits flip).
+        warmup: fraction of the steps with linear warm-up; then cosine decay to 0.
+        clip_grad: global gradient-norm clip (0 disables).
+        loss: the end-to-end loss (:class:`~dbllm_compile.distill.losses.LossSpec`).
+        block_steps: optimizer steps per block in the block-wise stage (0 skips it).
+        block_batch_size: sequences per block-wise step.
+        block_lr: peak learning rate of the scales in the block-wise stage.
+        block_latent_lr: same for the latent weights.
+        seed: seed of the data order.
+        checkpoint_every: end-to-end steps between checkpoints.
+        autocast: ``"auto"`` (bf16 on CUDA, none on CPU), ``"bf16"`` or ``"none"``.
+    """
+
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 2e-4
+    latent_lr: float = 2e-5
+    train_latent: bool = True
+    warmup: float = 0.05
+    clip_grad: float = 1.0
+    loss: LossSpec = field(default_factory=LossSpec)
+    block_steps: int = 40
+    block_batch_size: int = 4
+    block_lr: float = 5e-4
+    block_latent_lr: float = 5e-5
+    seed: int = 0
+    checkpoint_every: int = 25
+    autocast: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "block_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"DistillConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        for name in ("batch_size", "block_batch_size", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"DistillConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("lr", "latent_lr", "block_lr", "block_latent_lr", "clip_grad"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"DistillConfig.warmup must be in [0, 1), got {self.warmup!r}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ConfigError(f"DistillConfig.autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup * total`` steps, then cosine decay to 0."""
+    w = int(round(warmup * total))
+    if step < w:
+        return (step + 1) / (w + 1)
+    progress = (step - w) / max(1, total - w)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(device: torch.device, mode: str):
+    on = mode == "bf16" or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def trainable_parameters(gm: torch.fx.GraphModule, train_latent: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(scales, latents)``: the dual-binary parameters of ``gm`` by ``get_attr`` target."""
+    scales: dict[str, torch.Tensor] = {}
+    latents: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == TRAIN_OP:
+            for arg in node.args[2:4]:
+                scales[arg.target] = _attr(gm, arg.target)
+            if train_latent:
+                latents[node.args[1].target] = _attr(gm, node.args[1].target)
+    return scales, latents
+
+
+def _freeze_all_but(gm: torch.nn.Module, keep: list[torch.Tensor]) -> None:
+    keep_ids = {id(t) for t in keep}
+    for p in gm.parameters():
+        p.requires_grad_(id(p) in keep_ids)
+
+
+def _optimizer(scales: dict, latents: dict, lr: float, latent_lr: float) -> torch.optim.Optimizer:
+    groups = [{"params": list(scales.values()), "lr": lr, "base_lr": lr}]
+    if latents:
+        groups.append({"params": list(latents.values()), "lr": latent_lr, "base_lr": latent_lr})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def _param_state(student: DBLLMModel, names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: _attr(student.graph_module, n).detach().cpu().clone() for n in names}
+
+
+def _load_params(student: DBLLMModel, params: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in params.items():
+            _attr(student.graph_module, name).copy_(value)
+
+
+def _order(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_items, generator=g)
+
+
+def _batch_indices(step: int, batch: int, n_items: int, seed: int) -> torch.Tensor:
+    """Indices of the ``step``-th batch: epochs of a seeded permutation, a pure function of ``step``."""
+    per_epoch = max(1, n_items // batch)
+    epoch, k = divmod(step, per_epoch)
+    return _order(n_items, seed, epoch)[k * batch : (k + 1) * batch]
+
+
+def _device_of(student: DBLLMModel) -> torch.device:
+    return next(student.graph_module.parameters()).device
+
+
+# ----------------------------------------------------------------------------- block-wise
+
+
+def _rel_mse(out: tuple, ref: tuple) -> torch.Tensor:
+    num = sum(((o.float() - r.float()) ** 2).sum() for o, r in zip(out, ref) if isinstance(o, torch.Tensor))
+    den = sum((r.float() ** 2).sum() for r in ref if isinstance(r, torch.Tensor))
+    return num / den.clamp_min(1e-12)
+
+
+def train_blocks(
+    student: DBLLMModel,
+    data: torch.Tensor,
+    cfg: DistillConfig,
+    *,
+    checkpoint: Path | None = None,
+    metrics: MetricsLog | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Block-wise reconstruction (stage 2 of LBLLM; block-wise QAT).
+
+    For each block in order: inputs are the outputs of the already-trained quantized blocks
+    before it (the teacher's values for everything else: rotary tables, masks, the embedding);
+    the target is the full-precision block output on the full-precision input. The loss is the
+    relative squared error ``||y_q - y_fp||^2 / ||y_fp||^2``. Returns, per block, the error
+    before and after training (the data of the per-layer reconstruction plot).
+
+    Must run before any latent weight is trained: the teacher's block outputs are computed from
+    the latent weights as dense weights (see :func:`~dbllm_compile.distill.blocks.capture`).
+    """
+    from tqdm.auto import tqdm
+
+    metrics = metrics or MetricsLog(None)
+    blocks = [b for b in student.report.blocks if b.linears]
+    if not blocks or cfg.block_steps == 0:
+        return []
+    gm = student.graph_module
+    device = _device_of(student)
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and state.get("stage") != "blocks":
+        return list(state.get("block_records", []))  # a later stage's checkpoint: this stage is done
+    done = int(state["next_block"]) if state else 0
+    records: list[dict[str, Any]] = list(state["records"]) if state else []
+    if state:
+        _load_params(student, state["params"])
+
+    bs = cfg.block_batch_size
+    batches = [data[i : i + bs].to(device) for i in range(0, data.shape[0], bs)]
+    boundary = sorted({n for b in blocks for n in (*b.inputs, *b.outputs)})
+    teacher: list[dict[str, Any]] = []
+    for ids in tqdm(batches, desc="teacher block boundaries", disable=not progress, leave=False):
+        with _autocast(device, cfg.autocast):
+            teacher.append(capture(gm, (ids,), student.fixed_kwargs, boundary, dense=True))
+    chain: list[dict[str, Any]] = [dict() for _ in batches]  # quantized-path values by node name
+
+    scales_all, latents_all = trainable_parameters(gm, cfg.train_latent)
+    bar = tqdm(total=len(blocks) * cfg.block_steps, initial=done * cfg.block_steps, desc="block-wise",
+               disable=not progress, unit="step")
+    for index, block in enumerate(blocks):
+        module = extract_block(gm, block)
+        scales, latents = trainable_parameters(module, cfg.train_latent)
+
+        def inputs(b: int) -> list[Any]:
+            return [chain[b].get(n, teacher[b][n]) for n in block.inputs]
+
+        def targets(b: int) -> tuple:
+            return tuple(teacher[b][n] for n in block.outputs)
+
+        if index >= done:
+            _freeze_all_but(gm, [*scales.values(), *latents.values()])
+            opt = _optimizer(scales, latents, cfg.block_lr, cfg.block_latent_lr)
+            with torch.no_grad(), _autocast(device, cfg.autocast):
+                before = float(sum(_rel_mse(module(*inputs(b)), targets(b)) for b in range(len(batches))) / len(batches))
+            t0 = time.perf_counter()
+            for step in range(cfg.block_steps):
+                b = int(_batch_indices(step, 1, len(batches), cfg.seed + 7919 * index)[0])
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * _lr_factor(step, cfg.block_steps, cfg.warmup)
+                with _autocast(device, cfg.autocast):
+                    loss = _rel_mse(module(*inputs(b)), targets(b))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_([*scales.values(), *latents.values()], cfg.clip_grad)
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(block=block.name, loss=f"{loss.item():.4g}")
+                metrics.log(stage="blocks", block=block.name, step=step, loss=loss.item())
+            with torch.no_grad(), _autocast(device, cfg.autocast):
+                after = float(sum(_rel_mse(module(*inputs(b)), targets(b)) for b in range(len(batches))) / len(batches))
+            records.append({"block": block.name, "before": before, "after": after,
+                            "seconds": time.perf_counter() - t0})
+            metrics.log(stage="blocks", block=block.name, rel_err_before=before, rel_err_after=after)
+            if checkpoint:
+                names = [*scales_all, *latents_all]
+                save_checkpoint(checkpoint, {"stage": "blocks", "next_block": index + 1, "records": records,
+                                             "params": _param_state(student, names)})
+        with torch.no_grad(), _autocast(device, cfg.autocast):
+            for b in range(len(batches)):
+                for name, value in zip(block.outputs, module(*inputs(b))):
+                    chain[b][name] = value
+    bar.close()
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    return records
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
+
+
+def train_end_to_end(
+    student: DBLLMModel,
+    teacher: Callable[[torch.Tensor], Any],
+    data: torch.Tensor,
+    cfg: DistillConfig,
+    *,
+    checkpoint: Path | None = None,
+    metrics: MetricsLog | None = None,
+    progress: bool = True,
+    extra_state: dict[str, Any] | None = None,
+) -> list[float]:
+    """End-to-end distillation of ``student`` against ``teacher`` on ``data`` (``[N, T]`` ids).
+
+    ``teacher(ids)`` returns logits (or an object with ``.logits``), computed per step without
+    gradient and dropped after the step. AdamW with warm-up and cosine decay, gradient
+    clipping, bf16 autocast on CUDA. Returns the loss of every step (including resumed ones).
+    ``extra_state`` is stored in every checkpoint (e.g. the block-wise stage's records).
+    """
+    from tqdm.auto import tqdm
+
+    metrics = metrics or MetricsLog(None)
+    if cfg.steps == 0:
+        return []
+    if data.shape[0] < cfg.batch_size:
+        raise DBLLMError(f"distillation needs at least batch_size={cfg.batch_size} sequences, got {data.shape[0]}")
+    gm = student.graph_module
+    device = _device_of(student)
+    scales, latents = trainable_parameters(gm, cfg.train_latent)
+    _freeze_all_but(gm, [*scales.values(), *latents.values()])
+    opt = _optimizer(scales, latents, cfg.lr, cfg.latent_lr)
+    losses: list[float] = []
+    step0 = 0
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and state.get("stage") == "e2e":
+        _load_params(student, state["params"])
+        opt.load_state_dict(state["optimizer"])
+        step0 = int(state["step"])
+        losses = list(state["losses"])
+    names = [*scales, *latents]
+    bar = tqdm(total=cfg.steps, initial=step0, desc="distill", disable=not progress, unit="step")
+    t_last, tokens = time.perf_counter(), 0
+    for step in range(step0, cfg.steps):
+        ids = data[_batch_indices(step, cfg.batch_size, data.shape[0], cfg.seed)].to(device)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * _lr_factor(step, cfg.steps, cfg.warmup)
+        with torch.no_grad(), _autocast(device, cfg.autocast):
+            t_logits = _logits(teacher(ids))
+        with _autocast(device, cfg.autocast):
+            s_logits = _logits(student(ids))
+        loss = distill_loss(s_logits, t_logits, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([*scales.values(), *latents.values()], cfg.clip_grad or float("inf"))
+        opt.step()
+        losses.append(loss.item())
+        tokens += ids.numel()
+        now = time.perf_counter()
+        record = {"stage": "e2e", "step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"],
+                  "grad_norm": float(gnorm)}
+        if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
+            record["tokens_per_s"] = tokens / max(now - t_last, 1e-9)
+            if cfg.loss.kind == "dad":
+                w = dad_weights(t_logits, s_logits, gamma=cfg.loss.gamma)
+                record["dad_weight_quantiles"] = torch.quantile(
+                    w.flatten().float().cpu(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+            t_last, tokens = now, 0
+        metrics.log(**record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}))
+        del t_logits, s_logits, loss
+        if checkpoint and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(checkpoint, {"stage": "e2e", "step": step + 1, "losses": losses,
+                                         "params": _param_state(student, names), "optimizer": opt.state_dict(),
+                                         **(extra_state or {})})
+    bar.close()
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    return losses
