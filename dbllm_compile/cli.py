@@ -92,10 +92,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         kwargs["init_refine_iters"] = args.init_refine_iters
     config = dc.DBLLMConfig(**kwargs)  # validates before any slow work
     texts: dict[str, str] = {}
+    extra_files: set[str] = set()
     if not args.no_default_text:
         texts["python-docs (default)"] = default_eval_text()
     if args.eval_text is not None:
         texts[str(args.eval_text)] = load_eval_text(args.eval_text)
+        extra_files.add(str(args.eval_text))
     timings: dict[str, float] = {}
 
     with _stage(timings, "load", console):
@@ -135,7 +137,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     table = Table(title=f"dbllm-compile quantize: {args.model}, W2 (dual-binary) g{config.group_size}")
     table.add_column("model")
     for label in texts:
-        table.add_column(f"ppl {escape(label)}\n({results['perplexity'][label]['windows']}x{args.seq_len} tok)", justify="right")
+        table.add_column(f"ppl {escape(Path(label).name if label in extra_files else label)}\n({results['perplexity'][label]['windows']}x{args.seq_len} tok)", justify="right")
     table.add_column("size MB", justify="right")
     table.add_column("bits/weight\n(quantized linears)", justify="right")
     fp_dtype = str(next(model.parameters()).dtype).split(".")[-1]
