@@ -199,8 +199,6 @@ def train_blocks(
         return list(state.get("block_records", []))  # a later stage's checkpoint: this stage is done
     done = int(state["next_block"]) if state else 0
     records: list[dict[str, Any]] = list(state["records"]) if state else []
-    if state:
-        _load_params(student, state["params"])
 
     bs = cfg.block_batch_size
     batches = [data[i : i + bs].to(device) for i in range(0, data.shape[0], bs)]
@@ -210,6 +208,8 @@ def train_blocks(
         with _autocast(device, cfg.autocast):
             teacher.append(capture(gm, (ids,), student.fixed_kwargs, boundary, dense=True))
     chain: list[dict[str, Any]] = [dict() for _ in batches]  # quantized-path values by node name
+    if state:  # after the capture: the teacher is the dense latent weights before any training
+        _load_params(student, state["params"])
 
     scales_all, latents_all = trainable_parameters(gm, cfg.train_latent)
     bar = tqdm(total=len(blocks) * cfg.block_steps, initial=done * cfg.block_steps, desc="block-wise",

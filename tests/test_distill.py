@@ -1,0 +1,131 @@
+"""Distillation: DAD-ED weights, loss decrease, block extraction, kill-and-resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dbllm_compile as dc
+from dbllm_compile.distill import train as train_mod
+from dbllm_compile.distill.blocks import capture, extract_block
+from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
+from dbllm_compile.distill.pipeline import distill
+from dbllm_compile.distill.train import DistillConfig, trainable_parameters
+
+
+def _llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _student(model, data):
+    return dc.quantize(model, (data[:2],), example_kwargs={"use_cache": False}, progress=False)
+
+
+def _data(n=8, t=16, seed=1):
+    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_dad_weights_follow_the_formula():
+    torch.manual_seed(0)
+    t, s = torch.randn(3, 7, 50) * 3, torch.randn(3, 7, 50) * 3
+    ht = -(t.softmax(-1) * t.log_softmax(-1)).sum(-1) / math.log(50)
+    hs = -(s.softmax(-1) * s.log_softmax(-1)).sum(-1) / math.log(50)
+    for gamma in (0.5, 1.0, 2.0):
+        a = (ht + (hs - ht).abs()) ** gamma
+        torch.testing.assert_close(dad_weights(t, s, gamma=gamma), a / a.mean())
+    mask = torch.ones(3, 7)
+    mask[:, -2:] = 0
+    w = dad_weights(t, s, mask=mask)
+    assert torch.all(w[:, -2:] == 0) and float(w[mask.bool()].mean()) == pytest.approx(1.0)
+
+
+def test_dad_loss_mixes_kl_and_reweighted_kl():
+    torch.manual_seed(0)
+    t, s = torch.randn(4, 9, 30), torch.randn(4, 9, 30, requires_grad=True)
+    kl_tok = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    w = dad_weights(t, s)
+    expected = (((1 - 0.3) + 0.3 * w) * kl_tok).mean()
+    got = distill_loss(s, t, LossSpec("dad", lam=0.3))
+    torch.testing.assert_close(got, expected)
+    assert distill_loss(s, t, LossSpec("dad", lam=0.0)).item() == pytest.approx(distill_loss(s, t, LossSpec("kl")).item(), rel=1e-6)
+    got.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+    with pytest.raises(dc.ConfigError, match="kind"):
+        LossSpec("mse")
+
+
+def test_extracted_blocks_compose_to_the_model():
+    model, data = _llama(), _data()
+    q = _student(model, data)
+    blocks = q.report.blocks
+    assert [b.name for b in blocks] == ["model.layers.0", "model.layers.1"]
+    ids = data[:2]
+    names = {n for b in blocks for n in (*b.inputs, *b.outputs)}
+    quantized = capture(q.graph_module, (ids,), q.fixed_kwargs, names, dense=False)
+    for b in blocks:
+        out = extract_block(q.graph_module, b)(*[quantized[n] for n in b.inputs])
+        torch.testing.assert_close(out[0], quantized[b.outputs[0]], rtol=0, atol=0)
+    # dense capture = the full-precision model
+    dense = capture(q.graph_module, (ids,), q.fixed_kwargs, [blocks[0].outputs[0]], dense=True)
+    hidden = model(ids, output_hidden_states=True, use_cache=False).hidden_states[1]  # after layer 0
+    torch.testing.assert_close(dense[blocks[0].outputs[0]], hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_decreases_in_a_few_steps(tmp_path):
+    model, data = _llama(), _data(8, 16)
+    q = _student(model, data)
+    cfg = DistillConfig(steps=30, block_steps=15, batch_size=8, block_batch_size=8, lr=2e-3, latent_lr=2e-4,
+                        block_lr=2e-3, warmup=0.0)
+    result = distill(q, model, data, cfg, out_dir=tmp_path, progress=False)
+    assert all(r["after"] < r["before"] for r in result.block_records)
+    assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5])
+    for name in ("metrics.jsonl", "loss.png", "block_error.png", "dad_weights.png", "checkpoint.pt"):
+        assert (tmp_path / name).is_file()
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", ["blocks", "e2e"])
+def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch, kill_at):
+    data = _data(8, 16)
+    cfg = DistillConfig(steps=8, block_steps=4, batch_size=4, block_batch_size=4, checkpoint_every=3)
+
+    def run(out, kill=False):
+        model = _llama()
+        q = _student(model, data)
+        if kill:
+            calls = {"n": 0}
+            target = "_rel_mse" if kill_at == "blocks" else "distill_loss"
+            real = getattr(train_mod, target)
+            limit = 8 + 4 if kill_at == "blocks" else 5  # mid-way through block 1 / at e2e step 5
+
+            def dying(*a, **k):
+                calls["n"] += 1
+                if calls["n"] > limit:
+                    raise _Killed
+                return real(*a, **k)
+
+            with monkeypatch.context() as m:
+                m.setattr(train_mod, target, dying)
+                with pytest.raises(_Killed):
+                    distill(q, model, data, cfg, out_dir=out, progress=False, plots=False)
+            model = _llama()
+            q = _student(model, data)  # a fresh process: everything rebuilt from scratch
+        distill(q, model, data, cfg, out_dir=out, progress=False, plots=False)
+        scales, latents = trainable_parameters(q.graph_module, True)
+        return {k: v.detach().clone() for k, v in {**scales, **latents}.items()}
+
+    straight = run(tmp_path / "straight")
+    resumed = run(tmp_path / "resumed", kill=True)
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
