@@ -81,6 +81,12 @@ class DBLLMModel(torch.nn.Module):
         self.stage = stage
         self.fixed_kwargs = dict(fixed_kwargs or {})
 
+    def train(self, mode: bool = True) -> "DBLLMModel":
+        """Set the flag only: the exported graph was traced in eval mode and has no train mode
+        (dropout and friends are fixed at export), so this never recurses into it."""
+        self.training = mode
+        return self
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for key, value in self.fixed_kwargs.items():
             if key in kwargs and kwargs[key] != value:

@@ -15,7 +15,8 @@ def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "out"
     rc = main(["quantize", "--model", str(directory), "--eval-text", str(text), "--windows", "2",
-               "--seq-len", "32", "--out", str(out), "--json"])
+               "--seq-len", "32", "--out", str(out), "--json", "--steps", "4", "--block-steps", "2",
+               "--tokens", "256", "--calib-seq-len", "32"])
     assert rc == 0
     stdout = capsys.readouterr().out
     results = json.loads(stdout[stdout.index("{\n"):])
@@ -23,11 +24,24 @@ def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
     assert results["bits_per_weight"] == pytest.approx(2.5)
     for label in ("python-docs (default)", str(text)):
         ppl = results["perplexity"][label]
-        assert ppl["windows"] == 2 and ppl["fp"] > 1 and ppl["2bit"] > 1
+        assert ppl["windows"] == 2 and ppl["fp"] > 1 and ppl["2bit"] > 1 and ppl["ptq"] > 1
+    assert results["calibration"]["tokens"] == 256 and results["distill"]["budget"]["steps"] == 4
+    run_dir = out.with_name("out-run")
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "loss.png").is_file()
     manifest = json.loads((out / "dbllm.json").read_text())
     assert manifest["format_version"] == 1 and len(manifest["layers"]) == 14
     assert (out / "model.safetensors").stat().st_size > 0
     assert "results" in manifest
+
+
+def test_no_distill_is_post_training_only(tiny_hf_dir, tmp_path, capsys):
+    directory, _, _ = tiny_hf_dir
+    rc = main(["quantize", "--model", str(directory), "--windows", "1", "--seq-len", "32",
+               "--out", str(tmp_path / "o"), "--json", "--no-distill"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    results = json.loads(stdout[stdout.index("{\n"):])
+    assert "distill" not in results and "ptq" not in results["perplexity"]["python-docs (default)"]
 
 
 def test_bad_config_is_a_clear_error_before_loading(capsys):
