@@ -1,0 +1,58 @@
+"""Triton kernels of the packed dual-binary linear (installed as ``dbllm_compile.backends.triton``).
+
+- :mod:`.layout`: the GPU layout (2-bit codes in lane-quad order, interleaved scales) and the
+  repack from the reference layout; documented there and in ``docs/kernels.md``.
+- :mod:`.kernels`: the Triton kernels (fused decode/GEMM, dequantize-to-dense).
+- :mod:`.launch`: one configuration, one launch.
+- :mod:`.tuning`: configuration choice per shape, cached on disk per GPU model.
+- :mod:`.dispatch`: the CUDA implementation of ``torch.ops.dbllm.db_linear`` (weight cache).
+- :mod:`.prepared_op`: ``torch.ops.dbllm.db_linear_gpu``, a ``triton_op`` on prepared weights.
+
+Importing this package imports Triton; :func:`register` installs the CUDA kernel of
+``dbllm::db_linear`` (called by :mod:`dbllm_compile.backends` when Triton is importable).
+
+Example::
+
+    import torch, dbllm_compile
+    from dbllm_compile.backends import triton as dbt
+    dbt.register()
+    y = torch.ops.dbllm.db_linear(x_cuda_fp16, packed, a1, a2, bias, K, 64)   # Triton kernels
+    gw = dbt.to_gpu_layout(packed, a1, a2, K, 64, torch.float16)            # prepare once
+    y = torch.ops.dbllm.db_linear_gpu(x_cuda_fp16, gw.qweight, gw.scales, bias, K, 64)
+"""
+
+from __future__ import annotations
+
+from .dispatch import cache_size, clear_cache, db_linear_cuda, prepare_cached
+from .launch import KernelConfig, run_config
+from .layout import GpuWeights, dequantize_gpu_layout, from_gpu_layout, to_gpu_layout
+
+__all__ = [
+    "GpuWeights",
+    "KernelConfig",
+    "cache_size",
+    "clear_cache",
+    "db_linear_cuda",
+    "dequantize_gpu_layout",
+    "from_gpu_layout",
+    "prepare_cached",
+    "register",
+    "run_config",
+    "to_gpu_layout",
+]
+
+_registered = False
+
+
+def register() -> None:
+    """Make the Triton kernels the CUDA implementation of ``dbllm::db_linear`` and define
+    ``dbllm::db_linear_gpu``. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from dbllm_compile import ops
+
+    from . import prepared_op  # noqa: F401  (defines torch.ops.dbllm.db_linear_gpu)
+
+    ops.db_linear.register_kernel("cuda")(db_linear_cuda)
+    _registered = True

@@ -1,0 +1,105 @@
+"""The CUDA implementation of ``torch.ops.dbllm.db_linear``: weight cache + kernel choice.
+
+``db_linear_cuda`` is registered with ``db_linear.register_kernel("cuda")`` by
+:func:`dbllm_compile.backends.triton.register`. Per call it
+
+1. finds the layer's weights in the GPU layout in a process-wide cache, keyed by the identity
+   and version counter of ``packed``, ``a1``, ``a2`` and the activation dtype (held through weak
+   references: an entry dies with its tensors, an in-place update of them re-prepares). The
+   first call of a layer pays the repack (:func:`.layout.to_gpu_layout`, plain torch ops);
+   the cache holds a second copy of the quantized weights (2 bits + scales per weight);
+2. picks a configuration by ``M`` bucket and shape (:mod:`.tuning`: cached on disk, tuned on
+   the first eager call of a new shape);
+3. launches it. No host synchronisation and no allocation but the output (and, on the
+   ``dequant`` path, the dense weight) once the layer is prepared and the shape tuned, so CUDA
+   graphs capture it; run one eager call per layer and shape before capturing.
+
+Falls back to the reference (dequantize + ``F.linear``, on the GPU) for what the kernels do not
+cover: activations other than fp16/bf16, group sizes that are not a multiple of 16 dividing 1024,
+and a missing Triton.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+from dbllm_compile.reference.linear import db_linear_packed_reference
+
+from .layout import GpuWeights, supports_group_size, to_gpu_layout
+
+__all__ = ["db_linear_cuda", "prepare_cached", "clear_cache", "cache_size", "kernel_supported"]
+
+_cache: dict[tuple, tuple] = {}
+_cache_lock = threading.Lock()
+
+
+def kernel_supported(x: torch.Tensor, group_size: int) -> bool:
+    """Whether the Triton kernels handle these activations and group size."""
+    return x.dtype in (torch.float16, torch.bfloat16) and supports_group_size(group_size)
+
+
+def _evict(key: tuple) -> None:
+    with _cache_lock:
+        _cache.pop(key, None)
+
+
+def prepare_cached(packed: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, in_features: int,
+                   group_size: int, dtype: torch.dtype) -> GpuWeights:
+    """The GPU-layout weights of this layer for ``dtype``, repacked on first use (see module doc)."""
+    key = (id(packed), id(a1), id(a2), dtype)
+    versions = (packed._version, a1._version, a2._version)
+    entry = _cache.get(key)
+    if entry is not None:
+        refs, vers, gw = entry
+        if all(r() is t for r, t in zip(refs, (packed, a1, a2))) and vers == versions:
+            return gw
+    if torch.cuda.is_available() and packed.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"db_linear (triton): layer with packed weight {tuple(packed.shape)} is first used inside "
+            "CUDA graph capture; run one eager forward pass before capturing (the weight repack "
+            "allocates memory that must outlive the graph)"
+        )
+    gw = to_gpu_layout(packed, a1, a2, in_features, group_size, dtype)
+    refs = tuple(weakref.ref(t) for t in (packed, a1, a2))
+    with _cache_lock:
+        _cache[key] = (refs, versions, gw)
+    for t in (packed, a1, a2):
+        weakref.finalize(t, _evict, key)
+    return gw
+
+
+def clear_cache() -> None:
+    """Drop every prepared weight (the next call of each layer repacks)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def cache_size() -> int:
+    """Number of prepared layers held."""
+    return len(_cache)
+
+
+def linear_prepared(x: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., K] -> [..., N]`` with GPU-layout weights, the configuration chosen by :mod:`.tuning`."""
+    from .launch import run_config
+    from .tuning import choose
+
+    k = gw.in_features
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) % 8 != 0):
+        x2 = x2.contiguous()
+    cfg = choose(x2, gw, bias)
+    y = run_config(x2, gw, bias, cfg)
+    return y.reshape(*x.shape[:-1], gw.out_features)
+
+
+def db_linear_cuda(x: torch.Tensor, packed: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor,
+                   bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
+    """CUDA kernel of ``dbllm::db_linear`` (same semantics as the reference; see module doc)."""
+    if not kernel_supported(x, group_size):
+        return db_linear_packed_reference(x, packed, a1, a2, bias, in_features, group_size)
+    gw = prepare_cached(packed, a1, a2, in_features, group_size, x.dtype)
+    return linear_prepared(x, gw, bias)

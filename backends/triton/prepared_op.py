@@ -1,0 +1,67 @@
+"""``torch.ops.dbllm.db_linear_gpu``: the linear on weights already in the GPU layout (``triton_op``).
+
+``db_linear_gpu(x, qweight, scales, bias, in_features, group_size) -> Tensor``
+
+``qweight``/``scales`` are :class:`~.layout.GpuWeights` fields (see :mod:`.layout`), prepared
+once at load time with :func:`~.layout.to_gpu_layout` for the activation dtype. Unlike
+``dbllm::db_linear`` (a ``custom_op``, opaque to Inductor, repacking through a cache), this op
+is a ``torch.library.triton_op``: ``torch.compile`` sees the Triton kernels themselves and
+AOTInductor packages can embed them, and there is no weight cache. Kernel configurations come
+from the on-disk tuning cache (:mod:`.tuning`); an eager call on real CUDA tensors tunes a
+shape the cache lacks, a traced call uses the default configuration.
+
+On CPU (and for activations or group sizes the kernels do not cover) it computes
+``F.linear(x, dequantize_gpu_layout(...))``, the torch reference of the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .launch import run_config
+from .layout import GpuWeights, dequantize_gpu_layout, supports_group_size
+from .tuning import choose, default_config, lookup
+
+__all__ = ["db_linear_gpu", "GPU_OP"]
+
+
+def _is_real_cuda(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.is_cuda and not is_fake(t) and not torch.compiler.is_compiling()
+
+
+@torch.library.triton_op("dbllm::db_linear_gpu", mutates_args=())
+def db_linear_gpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``y = x @ w.T + bias`` with ``w`` decoded from the GPU layout (see module docstring)."""
+    gw = GpuWeights(qweight, scales, in_features, group_size)
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"db_linear_gpu: x has {x.shape[-1]} features, layer expects {in_features}")
+    torch._check(qweight.dim() == 2 and qweight.shape[1] * 16 >= gw.k_pad,
+                 lambda: f"db_linear_gpu: qweight {tuple(qweight.shape)} too small for K={in_features}")
+    n = qweight.shape[0]
+    if x.device.type != "cuda" or x.dtype != scales.dtype or not supports_group_size(group_size):
+        w = dequantize_gpu_layout(gw).to(x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if _is_real_cuda(x2):
+        cfg = choose(x2, gw, bias)
+    else:
+        cfg = lookup(x2.device, x2.dtype, m, n, in_features, group_size) or \
+            default_config(m, n, in_features, group_size)
+    y = run_config(x2, gw, bias, cfg, wrap=True)
+    return y.reshape(*x.shape[:-1], n)
+
+
+GPU_OP = torch.ops.dbllm.db_linear_gpu.default

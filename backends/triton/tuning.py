@@ -1,0 +1,198 @@
+"""Choosing a kernel configuration per shape, and the on-disk cache of the choices.
+
+Key: ``(dtype, N, K, G, M bucket)``; ``M`` is bucketed to ``max(16, next power of two)``, capped
+at 8192. The first call of a key in a process benchmarks the candidates of its bucket
+(:func:`candidates`) on the real inputs, with the L2 cache flushed before every timed run, and
+stores the fastest in ``$DBLLM_TRITON_CACHE_DIR`` (default ``~/.cache/dbllm_compile/triton``)
+as ``<gpu name>.json``; later processes read the file and start without tuning. Inside CUDA
+graph capture, or under the Triton interpreter, nothing is benchmarked: a cached choice or
+:func:`default_config` is used.
+
+The file format (``version`` 1)::
+
+    {"version": 1, "gpu": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+     "configs": {"float16|N4096|K4096|G64|M16": {"kind": "fused", "block_m": 16, ...}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .launch import KernelConfig, config_fits, interpreted, run_config
+from .layout import GpuWeights
+
+__all__ = ["m_bucket", "cache_key", "candidates", "default_config", "lookup", "choose", "cache_path"]
+
+FORMAT_VERSION = 1
+_lock = threading.Lock()
+_memory: dict[str, dict] | None = None  # key -> config json, as loaded from / written to disk
+
+
+def m_bucket(m: int) -> int:
+    """``max(16, next power of two >= m)``, capped at 8192."""
+    b = 16
+    while b < m and b < 8192:
+        b *= 2
+    return b
+
+
+def cache_key(dtype: torch.dtype, n: int, k: int, g: int, m: int) -> str:
+    return f"{str(dtype).removeprefix('torch.')}|N{n}|K{k}|G{g}|M{m_bucket(m)}"
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
+def cache_path(device: torch.device) -> Path:
+    """Where the chosen configurations of this GPU model live."""
+    root = Path(os.environ.get("DBLLM_TRITON_CACHE_DIR", Path.home() / ".cache" / "dbllm_compile" / "triton"))
+    return root / (re.sub(r"[^A-Za-z0-9_.-]+", "_", _gpu_name(device)) + ".json")
+
+
+def _load(device: torch.device) -> dict[str, dict]:
+    global _memory
+    if _memory is None:
+        _memory = {}
+        path = cache_path(device)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") == FORMAT_VERSION:
+                _memory.update(data.get("configs", {}))
+        except (OSError, ValueError):
+            pass  # no cache yet, or unreadable: tune again
+    return _memory
+
+
+def _store(device: torch.device, key: str, cfg: KernelConfig) -> None:
+    mem = _load(device)
+    mem[key] = cfg.to_json()
+    path = cache_path(device)
+    try:
+        import triton
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {}
+        try:
+            old = json.loads(path.read_text())
+            if old.get("version") == FORMAT_VERSION:
+                merged.update(old.get("configs", {}))
+        except (OSError, ValueError):
+            pass
+        merged.update(mem)
+        doc = {"version": FORMAT_VERSION, "gpu": _gpu_name(device), "triton": triton.__version__,
+               "configs": dict(sorted(merged.items()))}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: keep the choice for this process only
+
+
+def candidates(m: int, n: int, k: int, g: int) -> list[KernelConfig]:
+    """Configurations tried for this shape (filtered to those valid for ``g``)."""
+    F = KernelConfig
+    if m <= 16:
+        c = [F(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
+            (16, 512, 1, 4), (32, 512, 2, 4), (32, 256, 2, 6), (64, 256, 4, 4), (64, 512, 4, 3),
+            (128, 256, 4, 4), (128, 128, 4, 6), (256, 256, 8, 3)]]
+    elif m <= 64:
+        bm = 32 if m <= 32 else 64
+        c = [F(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
+            (32, 256, 2, 4), (64, 256, 4, 4), (128, 256, 4, 4), (128, 128, 4, 4), (256, 128, 8, 3)]]
+    else:
+        c = [F(block_m=bm, block_n=bn, block_k=bk, group_tiles=8, num_warps=w, num_stages=s)
+             for bm, bn, bk, w, s in [
+                 (64, 128, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
+                 (128, 256, 64, 8, 3), (256, 256, 64, 8, 3)]]
+        c.append(F(kind="dequant", block_n=32, block_k=512, num_warps=4))
+    return [x for x in c if config_fits(x, g)] or [default_config(m, n, k, g)]
+
+
+def default_config(m: int, n: int, k: int, g: int) -> KernelConfig:
+    """A reasonable configuration without tuning (interpreter, graph capture, traced ops)."""
+    bk = max(g, 256 if m <= 64 else 64)
+    if m <= 16:
+        bn = 32 if n <= 8192 else 128
+        return KernelConfig(block_m=16, block_n=bn, block_k=bk, num_warps=2 if bn == 32 else 4, num_stages=4)
+    if m <= 64:
+        return KernelConfig(block_m=32 if m <= 32 else 64, block_n=64, block_k=bk, num_warps=4, num_stages=4)
+    return KernelConfig(block_m=128, block_n=128, block_k=bk, group_tiles=8, num_warps=8, num_stages=3)
+
+
+def lookup(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, g: int) -> KernelConfig | None:
+    """The cached choice for this shape, or None (never benchmarks)."""
+    with _lock:
+        d = _load(device).get(cache_key(dtype, n, k, g, m))
+    return KernelConfig.from_json(d) if d else None
+
+
+def _time_ms(fn, flush: torch.Tensor, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def tune(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, reps: int = 10) -> tuple[KernelConfig, dict]:
+    """Benchmark every candidate on these inputs; return the fastest and ``{name: ms}``."""
+    m, k = x2.shape
+    n, g = gw.out_features, gw.group_size
+    flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=x2.device)  # larger than any L2
+    results: dict[str, float] = {}
+    best, best_ms = None, float("inf")
+    for cfg in candidates(m, n, k, g):
+        try:
+            run_config(x2, gw, bias, cfg)  # compile + warm up
+            torch.cuda.synchronize(x2.device)
+            ms = _time_ms(lambda: run_config(x2, gw, bias, cfg), flush, reps)
+        except Exception as e:  # a config that does not compile here (e.g. out of shared memory)
+            results[cfg.short()] = float("nan")
+            _log(f"config {cfg.short()} failed for N={n} K={k} M={m}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        results[cfg.short()] = ms
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"db_linear (triton): no configuration ran for N={n} K={k} G={g} M={m}")
+    return best, results
+
+
+def choose(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None) -> KernelConfig:
+    """Cached choice, else tune now (eager, outside graph capture), else the default."""
+    m, k = x2.shape
+    n, g = gw.out_features, gw.group_size
+    cfg = lookup(x2.device, x2.dtype, m, n, k, g)
+    if cfg is not None:
+        return cfg
+    if interpreted() or x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing() \
+            or os.environ.get("DBLLM_TRITON_TUNE", "1") == "0":
+        return default_config(m, n, k, g)
+    with _lock:
+        t0 = time.perf_counter()
+        cfg, results = tune(x2, gw, bias)
+        _log(f"tuned {cache_key(x2.dtype, n, k, g, m)} in {time.perf_counter() - t0:.1f} s: {cfg.short()} "
+             f"({results[cfg.short()] * 1e3:.1f} us)")
+        _store(x2.device, cache_key(x2.dtype, n, k, g, m), cfg)
+    return cfg
+
+
+def _log(msg: str) -> None:
+    if os.environ.get("DBLLM_TRITON_VERBOSE", "0") != "0":
+        print(f"[dbllm triton] {msg}", flush=True)

@@ -1,0 +1,222 @@
+"""Triton kernels of the packed linear against the reference.
+
+On a machine without a GPU every kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``,
+set below before Triton is imported) on tiny shapes, fp16 only (the interpreter's bf16 ``tl.dot``
+is wrong). With a GPU the same tests run on CUDA with real shapes, fp16 and bf16, plus the op
+integration (eager, ``torch.compile``, CUDA graphs).
+
+Tolerances: the kernels decode exactly the reference's weights (``fp16(a1*b1 + a2*b2)``; the sum
+is rounded once in both) and accumulate in float32, so the output differs from a float32
+product of the same weights only by accumulation order and the final rounding to the
+activation dtype: ``rtol = 2 ulp`` of the dtype (fp16 2e-3, bf16 1.6e-2), ``atol = rtol * max|y|``.
+Layout conversions and the dequantize kernel are bit-exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed (pip install 'dbllm-compile[triton]')")
+
+import dbllm_compile  # noqa: E402,F401
+import dbllm_compile.backends  # noqa: E402,F401  (registers the CUDA kernel and db_linear_gpu)
+from dbllm_compile.backends import triton as dbt  # noqa: E402
+from dbllm_compile.backends.triton import launch, tuning  # noqa: E402
+from dbllm_compile.backends.triton.launch import KernelConfig  # noqa: E402
+from dbllm_compile.reference import dequantize_bits, pack_planes  # noqa: E402
+from dbllm_compile.reference.linear import db_linear_packed_reference  # noqa: E402
+
+if not GPU and not launch.interpreted():
+    pytest.skip("no GPU and TRITON_INTERPRET was switched off", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if GPU else "cpu")
+DTYPES = [torch.float16, torch.bfloat16] if GPU else [torch.float16]
+RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_layer(n: int, k: int, g: int, seed: int = 0, device=DEVICE):
+    """Random bits (0 past K) and scales of both signs, as a deployed layer stores them."""
+    gen = torch.Generator().manual_seed(seed)
+    k_pad = -(-k // g) * g
+    bits = torch.randint(0, 2, (2, n, k_pad), generator=gen, dtype=torch.uint8)
+    bits[:, :, k:] = 0
+    a1 = (torch.rand(n, k_pad // g, generator=gen) * 0.04 + 0.01).half()
+    a2 = (-torch.rand(n, k_pad // g, generator=gen) * 0.02).half()
+    bias = torch.randn(n, generator=gen).half()
+    packed = pack_planes(bits[0], bits[1])
+    return packed.to(device), a1.to(device), a2.to(device), bias.to(device), bits
+
+
+def reference(x, packed, a1, a2, bias, k, g):
+    """float32 product of the weights the op's reference uses (``w_hat`` cast to x.dtype)."""
+    k_pad = packed.shape[2] * 8
+    from dbllm_compile.reference.packing import unpack_planes
+
+    b1, b2 = unpack_planes(packed.cpu(), k_pad)
+    w = dequantize_bits(b1, b2, a1.cpu(), a2.cpu(), g)[:, :k].to(x.dtype).float()
+    y = x.cpu().float() @ w.T
+    return y if bias is None else y + bias.cpu().to(x.dtype).float()
+
+
+def assert_close(y, ref, dtype):
+    rtol = RTOL[dtype]
+    torch.testing.assert_close(y.cpu().float(), ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------- layout (bit-exact)
+
+@pytest.mark.parametrize("n,k,g", [(5, 100, 32), (7, 64, 64), (3, 2048, 128), (4, 48, 16), (9, 1100, 64)],
+                         ids=["pad", "k=g", "g128", "g16", "k>1024"])
+def test_layout_roundtrip_and_dequantize_are_exact(n, k, g):
+    packed, a1, a2, _, bits = make_layer(n, k, g, device="cpu")
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16, rows_per_chunk=2)
+    assert gw.qweight.dtype == torch.int32 and gw.qweight.shape[1] * 16 % 1024 == 0
+    p2, c1, c2 = dbt.from_gpu_layout(gw)
+    assert torch.equal(p2, packed) and torch.equal(c1, a1) and torch.equal(c2, a2)
+    w_ref = dequantize_bits(bits[0], bits[1], a1, a2, g)[:, :k].half()
+    assert torch.equal(dbt.dequantize_gpu_layout(gw), w_ref)
+
+
+def test_layout_rejects_unsupported_group_size():
+    packed, a1, a2, _, _ = make_layer(4, 96, 48, device="cpu")
+    with pytest.raises(ValueError, match="group_size=48"):
+        dbt.to_gpu_layout(packed, a1, a2, 96, 48, torch.float16)
+
+
+# ---------------------------------------------------------------- kernels
+
+if GPU:
+    SHAPES = [(1, 4096, 4096, 64), (16, 11008, 4096, 64), (7, 4000, 4160, 64), (33, 1000, 4100, 64),
+              (100, 512, 64, 64), (257, 4096, 1024, 128), (1, 300, 1000, 32)]
+    CONFIGS = None  # every tuning candidate of the shape's M bucket
+else:
+    SHAPES = [(1, 40, 100, 32), (5, 70, 256, 64), (3, 48, 64, 64), (7, 50, 128, 64), (33, 20, 192, 64)]
+    CONFIGS = [KernelConfig(block_m=16, block_n=32, block_k=128), KernelConfig(block_m=16, block_n=16, block_k=256),
+               KernelConfig(block_m=32, block_n=64, block_k=64, group_tiles=2), KernelConfig(kind="dequant", block_n=16, block_k=128)]
+SHAPE_IDS = [f"m{m}-n{n}-k{k}-g{g}" for m, n, k, g in SHAPES]
+
+
+def _configs(m, n, k, g):
+    cands = tuning.candidates(m, n, k, g) if CONFIGS is None else CONFIGS
+    return [c for c in cands if launch.config_fits(c, g)] or [tuning.default_config(m, n, k, g)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("m,n,k,g", SHAPES, ids=SHAPE_IDS)
+def test_every_config_matches_reference(m, n, k, g, dtype):
+    packed, a1, a2, bias, _ = make_layer(n, k, g, seed=m + n)
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype).to(DEVICE)
+    ref = reference(x, packed, a1, a2, bias, k, g)
+    ref_nb = reference(x, packed, a1, a2, None, k, g)
+    for i, cfg in enumerate(_configs(m, n, k, g)):
+        with_bias = i % 2 == 0
+        y = dbt.run_config(x, gw, bias if with_bias else None, cfg)
+        assert y.shape == (m, n) and y.dtype == dtype, cfg.short()
+        assert torch.isfinite(y).all(), cfg.short()
+        assert_close(y, ref if with_bias else ref_nb, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_dequantize_kernel_is_exact(dtype):
+    n, k, g = (1000, 4160, 64) if GPU else (40, 200, 64)
+    packed, a1, a2, _, _ = make_layer(n, k, g)
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, dtype)
+    w = launch.launch_dequant(gw, dtype, KernelConfig(kind="dequant", block_n=16, block_k=128))
+    assert torch.equal(w.cpu(), dbt.dequantize_gpu_layout(gw).cpu())
+
+
+@pytest.mark.parametrize("shape", [(1, 100), (5, 100), (2, 3, 100)], ids=["m1", "odd-m", "3d"])
+def test_dispatcher_matches_reference_and_caches_weights(shape):
+    n, k, g = 40, 100, 32
+    packed, a1, a2, bias, _ = make_layer(n, k, g)
+    x = torch.randn(*shape).half().to(DEVICE)
+    dbt.clear_cache()
+    y = dbt.db_linear_cuda(x, packed, a1, a2, bias, k, g)
+    assert y.shape == (*shape[:-1], n) and dbt.cache_size() == 1
+    ref = db_linear_packed_reference(x.cpu().float(), packed.cpu(), a1.cpu(), a2.cpu(), bias.cpu().float(), k, g)
+    assert_close(y, ref, torch.float16)
+    dbt.db_linear_cuda(x, packed, a1, a2, bias, k, g)
+    assert dbt.cache_size() == 1  # same tensors: no second repack
+    with torch.no_grad():
+        a1.mul_(2)  # in-place update bumps the version: the entry is re-prepared
+    y2 = dbt.db_linear_cuda(x, packed, a1, a2, None, k, g)
+    ref2 = db_linear_packed_reference(x.cpu().float(), packed.cpu(), a1.cpu(), a2.cpu(), None, k, g)
+    assert_close(y2, ref2, torch.float16)
+    del packed, a1, a2
+    import gc
+
+    gc.collect()
+    assert dbt.cache_size() == 0  # entries die with their tensors
+
+
+def test_dispatcher_falls_back_to_reference_for_fp32():
+    packed, a1, a2, bias, _ = make_layer(8, 64, 64)
+    x = torch.randn(3, 64, device=DEVICE)
+    y = dbt.db_linear_cuda(x, packed, a1, a2, bias, 64, 64)
+    torch.testing.assert_close(y, db_linear_packed_reference(x, packed, a1, a2, bias, 64, 64))
+
+
+def test_tuning_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("DBLLM_TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_memory", None)
+    cfg = KernelConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
+    tuning._store(DEVICE, tuning.cache_key(torch.float16, 4096, 4096, 64, 1), cfg)
+    monkeypatch.setattr(tuning, "_memory", None)  # a new process
+    assert tuning.lookup(DEVICE, torch.float16, 9, 4096, 4096, 64) == cfg  # same M bucket (16)
+    assert tuning.lookup(DEVICE, torch.float16, 17, 4096, 4096, 64) is None
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_gpu_op_opcheck_and_reference_on_cpu():
+    n, k, g = 24, 100, 32
+    packed, a1, a2, bias, _ = make_layer(n, k, g, device="cpu")
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16)
+    x = torch.randn(2, 3, k).half()
+    y = torch.ops.dbllm.db_linear_gpu(x, gw.qweight, gw.scales, bias, k, g)
+    assert_close(y, reference(x.reshape(-1, k), packed, a1, a2, bias, k, g).reshape(2, 3, n), torch.float16)
+    torch.library.opcheck(torch.ops.dbllm.db_linear_gpu.default, (x.float(), gw.qweight, gw.scales.float(), None, k, g))
+
+
+# ---------------------------------------------------------------- GPU integration
+
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_op_eager_compile_and_cuda_graph(dtype):
+    n, k, g = 2048, 1024, 64
+    packed, a1, a2, bias, _ = make_layer(n, k, g)
+    x = torch.randn(2, 3, k, device=DEVICE, dtype=dtype)
+    op = torch.ops.dbllm.db_linear
+    ref = reference(x.reshape(-1, k), packed, a1, a2, bias, k, g).reshape(2, 3, n)
+    y = op(x, packed, a1, a2, bias, k, g)  # eager: prepares + tunes
+    assert_close(y, ref, dtype)
+    compiled = torch.compile(lambda t: op(t, packed, a1, a2, bias, k, g), fullgraph=True)
+    assert_close(compiled(x), ref, dtype)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = op(static_x, packed, a1, a2, bias, k, g)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    graph.replay()
+    assert_close(static_y, reference(x2.reshape(-1, k), packed, a1, a2, bias, k, g).reshape(2, 3, n), dtype)
+
+
+@gpu_only
+def test_gpu_op_under_torch_compile_sees_the_kernel():
+    n, k, g = 1024, 1024, 64
+    packed, a1, a2, bias, _ = make_layer(n, k, g)
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16)
+    x = torch.randn(5, k, device=DEVICE, dtype=torch.float16)
+    f = torch.compile(lambda t: torch.ops.dbllm.db_linear_gpu(t, gw.qweight, gw.scales, bias, k, g) * 2,
+                      fullgraph=True)
+    assert_close(f(x), 2 * reference(x, packed, a1, a2, bias, k, g), torch.float16)
