@@ -191,7 +191,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if distill_cfg is not None:
         from dbllm_compile.distill import distill
 
-        evaluate("ptq", qmodel)
+        evaluate("ptq", dc.convert(qmodel, progress=False))  # packed: same function, cheaper forward
         rows.append(("ptq", "2-bit, post-training init"))
         with _stage(timings, "calibration data", console):
             data = _calibration(args, model, tokenizer, budget, console)

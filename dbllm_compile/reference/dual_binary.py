@@ -118,14 +118,25 @@ def assign_bits(
     # A stable sort keeps the code order among equal levels, so ties are deterministic.
     sorted_levels, order = torch.sort(levels, dim=-1, stable=True)
     mids = (sorted_levels[..., 1:] + sorted_levels[..., :-1]) * 0.5  # [N, g, 3]
-    rank = (w.unsqueeze(-1) >= mids.unsqueeze(-2)).sum(dim=-1)  # [N, g, G] in 0..3
     # Among equal levels take the first in code order (fewest set bits): zero groups store 0s.
-    for _ in range(3):
-        prev = torch.gather(sorted_levels, -1, (rank - 1).clamp_min(0))
-        cur = torch.gather(sorted_levels, -1, rank)
-        rank = torch.where((rank > 0) & (prev == cur), rank - 1, rank)
+    # Resolved on the small per-group table: code_of_rank[r] = code of the first sorted level
+    # equal to level r.
+    code_of_rank = order.clone()
+    for r in (1, 2, 3):
+        same = sorted_levels[..., r] == sorted_levels[..., r - 1]
+        code_of_rank[..., r] = torch.where(same, code_of_rank[..., r - 1], order[..., r])
+    code_of_rank = code_of_rank.to(torch.uint8)
+    # rank = number of midpoints at or below w (0..3); code = code_of_rank[rank], done with
+    # elementwise selects instead of per-element gathers (the hot path of the training op).
+    ge0 = w >= mids[..., 0:1]
+    ge1 = w >= mids[..., 1:2]
+    ge2 = w >= mids[..., 2:3]
+    code = torch.where(
+        ge1,
+        torch.where(ge2, code_of_rank[..., 3:4], code_of_rank[..., 2:3]),
+        torch.where(ge0, code_of_rank[..., 1:2], code_of_rank[..., 0:1]),
+    )
     # Level codes follow the order {0, a2, a1, a1 + a2}, so code = 2 * b1 + b2.
-    code = torch.gather(order, -1, rank).to(torch.uint8)
     b1 = (code >> 1).reshape(n, -1)
     b2 = (code & 1).reshape(n, -1)
     if b1.shape[1] != k:
