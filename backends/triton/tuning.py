@@ -113,7 +113,7 @@ def candidates(m: int, n: int, k: int, g: int) -> list[KernelConfig]:
         c = [F(block_m=bm, block_n=bn, block_k=bk, group_tiles=8, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in [
                  (64, 128, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
-                 (128, 256, 64, 8, 3), (256, 256, 64, 8, 3)]]
+                 (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]]
         c.append(F(kind="dequant", block_n=32, block_k=512, num_warps=4))
     return [x for x in c if config_fits(x, g)] or [default_config(m, n, k, g)]
 

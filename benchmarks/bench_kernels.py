@@ -1,0 +1,245 @@
+"""Benchmark: dual-binary Triton kernels vs cuBLAS fp16 (and gemlite when importable), one run.
+
+Every time is a CUDA-graph replay over a stack of distinct layers whose weights together exceed
+three times the L2 cache (cold L2), divided by the number of layers. Reported per shape and M:
+time, speed-up over cuBLAS fp16 measured in the same run, achieved bandwidth (bytes of packed
+weights + scales + activations + output, over the time) and its share of the device-to-device
+copy bandwidth measured at the start (bytes read + written). The first-call cost (tuning, which
+compiles every candidate) is reported per case; ``--second-process`` times a fresh process that
+finds the tuning cache on disk.
+
+Usage::
+
+    python benchmarks/bench_kernels.py --out $OUT                 # full table, JSON, PNG
+    python benchmarks/bench_kernels.py --shapes 4096x4096 --m 1,16 --out /tmp/b
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
+MS = [1, 16, 256, 4096]
+G = 64
+
+
+def machine_info() -> dict:
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    return {"gpu": p.name, "sms": p.multi_processor_count, "l2_bytes": p.L2_cache_size,
+            "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median time of one replay of a CUDA graph of ``fn`` (already warmed up eagerly)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del graph
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (1 GiB buffer)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = graph_ms(lambda: dst.copy_(src), reps=10)
+    del src, dst
+    return 2 * 2**30 / (ms * 1e-3)
+
+
+def random_gpu_weights(n: int, k: int, dtype: torch.dtype):
+    """Random weights directly in the GPU layout (kernel speed does not depend on the values)."""
+    from dbllm_compile.backends.triton.layout import K_ALIGN, GpuWeights
+
+    k_alloc = -(-k // K_ALIGN) * K_ALIGN
+    qweight = torch.randint(-2**31, 2**31 - 1, (n, k_alloc // 16), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(n, k_alloc // G, 2, device="cuda") * 0.02).to(dtype)
+    return GpuWeights(qweight, scales, k, G)
+
+
+def n_layers(bytes_per_layer: float, l2: int) -> int:
+    return max(2, min(256, math.ceil(3 * l2 / bytes_per_layer)))
+
+
+def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: float) -> dict:
+    from dbllm_compile.backends.triton import tuning
+    from dbllm_compile.backends.triton.dispatch import linear_prepared
+    from dbllm_compile.backends.triton.launch import run_config
+
+    k_pad = -(-k // G) * G
+    q_bytes = n * k_pad / 4 + n * (k_pad // G) * 4  # codes + two 16-bit scales per group
+    io_bytes = (m * k + m * n) * 2
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    r = {"N": n, "K": k, "M": m, "dtype": str(dtype)[6:]}
+
+    # ours: tune (first-call cost: compiles and times every candidate), then a cold-L2 graph
+    lq = n_layers(q_bytes, l2)
+    layers = [random_gpu_weights(n, k, dtype) for _ in range(lq)]
+    t0 = time.perf_counter()
+    cfg, cand = tuning.tune(x, layers[0], None)
+    r["first_call_s"] = round(time.perf_counter() - t0, 2)
+    tuning._store(x.device, tuning.cache_key(dtype, n, k, G, m), cfg)
+    r["config"] = cfg.short()
+    # correctness of this very configuration against the torch decode of the same weights
+    from dbllm_compile.backends.triton.layout import dequantize_gpu_layout
+
+    y = linear_prepared(x, layers[0], None).float()
+    ref = F.linear(x.float(), dequantize_gpu_layout(layers[0]).float())
+    r["rel_err"] = ((y - ref).norm() / ref.norm()).item()
+    del y, ref
+    r["candidates_us"] = {name: round(ms * 1e3, 2) for name, ms in cand.items()}
+    r["ours_us"] = graph_ms(lambda: [linear_prepared(x, gw, None) for gw in layers]) * 1e3 / lq
+    if m > 16:  # the best fused-kernel config alone, to show what dequant+cuBLAS adds
+        fused = [c for c in tuning.candidates(m, n, k, G) if c.kind == "fused"]
+        timed = {c: cand[c.short()] for c in fused if not math.isnan(cand.get(c.short(), math.nan))}
+        best = min(timed, key=timed.get)
+        r["fused_config"] = best.short()
+        r["fused_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
+    del layers
+    r["layers_ours"] = lq
+
+    # cuBLAS fp16 over its own stack of dense layers
+    lf = n_layers(2 * n * k, l2)
+    lf = min(lf, max(2, int(0.4 * torch.cuda.mem_get_info()[0] // (2 * n * k))))
+    dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(lf)]
+    r["cublas_us"] = graph_ms(lambda: [F.linear(x, w) for w in dense]) * 1e3 / lf
+    r["layers_cublas"] = lf
+    del dense
+    torch.cuda.empty_cache()
+
+    r["speedup"] = r["cublas_us"] / r["ours_us"]
+    r["ours_GBps"] = (q_bytes + io_bytes) / (r["ours_us"] * 1e-6) / 1e9
+    r["cublas_GBps"] = (2 * n * k + io_bytes) / (r["cublas_us"] * 1e-6) / 1e9
+    r["ours_pct_copy"] = 100 * r["ours_GBps"] * 1e9 / copy_bw
+    r["tflops_ours"] = 2 * m * n * k / (r["ours_us"] * 1e-6) / 1e12
+    r["tflops_cublas"] = 2 * m * n * k / (r["cublas_us"] * 1e-6) / 1e12
+    return r
+
+
+def gemlite_status() -> str:
+    try:
+        import gemlite  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"not importable ({type(e).__name__}: {str(e)[:80]}); not measured"
+    return "importable, but no adapter in this script yet; not measured"
+
+
+def second_process_cost(out: Path, n: int, k: int, m: int) -> dict:
+    """Time the first call of a fresh process that finds the tuning cache on disk."""
+    code = f"""
+import time, torch
+t0 = time.perf_counter()
+import dbllm_compile, dbllm_compile.backends
+from dbllm_compile.backends.triton.dispatch import linear_prepared
+from benchmarks.bench_kernels import random_gpu_weights
+gw = random_gpu_weights({n}, {k}, torch.float16); x = torch.randn({m}, {k}, device='cuda', dtype=torch.float16)
+torch.cuda.synchronize(); t1 = time.perf_counter()
+linear_prepared(x, gw, None); torch.cuda.synchronize(); t2 = time.perf_counter()
+linear_prepared(x, gw, None); torch.cuda.synchronize(); t3 = time.perf_counter()
+print(f"{{t1 - t0:.3f}} {{t2 - t1:.3f}} {{t3 - t2:.4f}}")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        imp, first, second = map(float, res.stdout.split()[-3:])
+        return {"shape": f"{n}x{k}", "M": m, "import_s": imp, "first_call_s": first, "second_call_s": second}
+    except ValueError:
+        return {"error": (res.stdout + res.stderr)[-500:]}
+
+
+def plot(results: list[dict], info: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = sorted({r["M"] for r in results})
+    shapes = sorted({(r["N"], r["K"]) for r in results}, key=lambda s: s[0] * s[1])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(ms)
+    for i, m in enumerate(ms):
+        vals = [next((r["speedup"] for r in results if r["M"] == m and (r["N"], r["K"]) == s), 0) for s in shapes]
+        ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=f"M={m}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], [f"{n}x{k}" for n, k in shapes])
+    ax.set_ylabel("speed-up over cuBLAS fp16")
+    ax.set_title(f"dual-binary W2 (G=64) Triton kernels, {info['gpu']}, {info['date']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--m", default=",".join(map(str, MS)))
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--second-process", action="store_true")
+    args = ap.parse_args()
+    import dbllm_compile.backends  # noqa: F401
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    info = machine_info()
+    info["copy_GBps"] = copy_bandwidth() / 1e9
+    info["gemlite"] = gemlite_status()
+    print(f"{info['gpu']}  SMs={info['sms']}  L2={info['l2_bytes'] / 2**20:.0f} MiB  torch {info['torch']}  "
+          f"triton {info['triton']}  copy {info['copy_GBps']:.0f} GB/s  gemlite: {info['gemlite']}", flush=True)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    results = []
+    for n, k in shapes:
+        for m in map(int, args.m.split(",")):
+            r = bench_case(n, k, m, dtype, info["l2_bytes"], info["copy_GBps"] * 1e9)
+            results.append(r)
+            print(f"N={n:6d} K={k:6d} M={m:5d}  cuBLAS {r['cublas_us']:9.1f} us  ours {r['ours_us']:9.1f} us "
+                  f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"
+                  f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else ""),
+                  flush=True)
+    doc = {"info": info, "results": results}
+    if args.second_process and shapes:
+        doc["second_process"] = second_process_cost(out, shapes[0][0], shapes[0][1], 1)
+        print("fresh process with the tuning cache on disk:", doc["second_process"])
+    (out / "bench_kernels.json").write_text(json.dumps(doc, indent=1))
+    plot(results, info, out / "bench_kernels.png")
+    print()
+    print(f"| N x K | M | cuBLAS fp16 (us) | ours (us) | speed-up | ours GB/s | % of copy ({info['copy_GBps']:.0f} GB/s) | config |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['N']} x {r['K']} | {r['M']} | {r['cublas_us']:.1f} | {r['ours_us']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['ours_GBps']:.0f} | {r['ours_pct_copy']:.0f}% | {r['config']} |")
+
+
+if __name__ == "__main__":
+    main()
