@@ -379,3 +379,12 @@ def test_cuda_generation_matches_cpu(tiny_llama):
     agreement = (on_gpu.input_ids == on_cpu.input_ids).double().mean().item()
     assert agreement > 0.9, agreement
     assert torch.equal(on_gpu.input_ids[:, : 1 + spec.greedy_steps], on_cpu.input_ids[:, : 1 + spec.greedy_steps])
+
+
+def test_fingerprint_of_a_tensor_larger_than_float32_can_index():
+    """Regression: a float32 linspace over 2**24+ elements rounded past the end (SmolLM2's embedding)."""
+    big = torch.nn.Module()
+    big.register_buffer("w", torch.zeros(28_311_552))
+    from dbllm_compile.distill.calibration import teacher_fingerprint
+
+    assert len(teacher_fingerprint(big)) == 64

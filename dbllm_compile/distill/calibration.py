@@ -383,8 +383,10 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
                 as_f64 = flat.to(torch.float64) if not flat.is_complex() else flat.abs().to(torch.float64)
                 total = float(as_f64.sum())
                 norm = float(torch.linalg.vector_norm(as_f64))
-                index = torch.linspace(0, flat.numel() - 1, _SAMPLED_ELEMENTS_PER_TENSOR, device=flat.device)
-                sampled = as_f64[index.round().long()].tolist()
+                # Integer spacing: a float32 linspace rounds past the end on tensors of > 2^24 elements.
+                steps = max(1, _SAMPLED_ELEMENTS_PER_TENSOR - 1)
+                index = torch.arange(_SAMPLED_ELEMENTS_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // steps
+                sampled = as_f64[index].tolist()
                 line += f"|{total:.12e}|{norm:.12e}|" + ",".join(repr(v) for v in sampled)
             elif flat.numel():
                 line += "|" + hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
