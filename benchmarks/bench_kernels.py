@@ -69,10 +69,12 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (1 GiB buffer)."""
+    """Device-to-device copy, bytes read + written per second (1 GiB buffer, after a warm-up)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = graph_ms(lambda: dst.copy_(src), reps=10)
+    for _ in range(20):
+        dst.copy_(src)
+    ms = graph_ms(lambda: dst.copy_(src), reps=30)
     del src, dst
     return 2 * 2**30 / (ms * 1e-3)
 
@@ -227,12 +229,14 @@ def main() -> None:
                   f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"
                   f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else ""),
                   flush=True)
+    info["copy_GBps_end"] = copy_bandwidth() / 1e9
     doc = {"info": info, "results": results}
     if args.second_process and shapes:
         doc["second_process"] = second_process_cost(out, shapes[0][0], shapes[0][1], 1)
         print("fresh process with the tuning cache on disk:", doc["second_process"])
     (out / "bench_kernels.json").write_text(json.dumps(doc, indent=1))
     plot(results, info, out / "bench_kernels.png")
+    print(f"copy bandwidth: {info['copy_GBps']:.0f} GB/s at the start, {info['copy_GBps_end']:.0f} GB/s at the end")
     print()
     print(f"| N x K | M | cuBLAS fp16 (us) | ours (us) | speed-up | ours GB/s | % of copy ({info['copy_GBps']:.0f} GB/s) | config |")
     print("|---|---|---|---|---|---|---|---|")

@@ -98,7 +98,9 @@ if GPU:
 else:
     SHAPES = [(1, 40, 100, 32), (5, 70, 256, 64), (3, 48, 64, 64), (7, 50, 128, 64), (33, 20, 192, 64)]
     CONFIGS = [KernelConfig(block_m=16, block_n=32, block_k=128), KernelConfig(block_m=16, block_n=16, block_k=256),
-               KernelConfig(block_m=32, block_n=64, block_k=64, group_tiles=2), KernelConfig(kind="dequant", block_n=16, block_k=128)]
+               KernelConfig(block_m=32, block_n=64, block_k=64, group_tiles=2),
+               KernelConfig(block_m=16, block_n=32, block_k=64, group_tiles=2, swap=True),
+               KernelConfig(kind="dequant", block_n=16, block_k=128)]
 SHAPE_IDS = [f"m{m}-n{n}-k{k}-g{g}" for m, n, k, g in SHAPES]
 
 

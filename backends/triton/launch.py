@@ -38,6 +38,7 @@ class KernelConfig:
     block_n: int = 64
     block_k: int = 512
     group_tiles: int = 1
+    swap: bool = False
     num_warps: int = 4
     num_stages: int = 3
 
@@ -52,7 +53,7 @@ class KernelConfig:
         if self.kind == "dequant":
             return f"dequant{self.block_n}x{self.block_k}w{self.num_warps}+cublas"
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_tiles}"
-                f"w{self.num_warps}s{self.num_stages}")
+                f"w{self.num_warps}s{self.num_stages}" + ("x" if self.swap else ""))
 
 
 def config_fits(cfg: KernelConfig, group_size: int) -> bool:
@@ -98,7 +99,7 @@ def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, c
         m, n, k,
         x2.stride(0), gw.qweight.stride(0), gw.scales.stride(0), out.stride(0),
         GROUP=gw.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_TILES=cfg.group_tiles, EVEN_K=(k % cfg.block_k == 0),
+        GROUP_TILES=cfg.group_tiles, SWAP=cfg.swap, EVEN_K=(k % cfg.block_k == 0),
         HAS_BIAS=bias is not None, IS_BF16=(x2.dtype == torch.bfloat16), USE_ASM=not interpreted(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

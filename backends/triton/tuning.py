@@ -103,17 +103,18 @@ def candidates(m: int, n: int, k: int, g: int) -> list[KernelConfig]:
     F = KernelConfig
     if m <= 16:
         c = [F(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
-            (16, 512, 1, 4), (32, 512, 2, 4), (32, 256, 2, 6), (64, 256, 4, 4), (64, 512, 4, 3),
-            (128, 256, 4, 4), (128, 128, 4, 6), (256, 256, 8, 3)]]
+            (32, 256, 2, 6), (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 4), (64, 512, 4, 3),
+            (128, 128, 4, 4), (128, 256, 4, 4), (128, 256, 8, 4), (256, 128, 8, 4)]]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
         c = [F(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
             (32, 256, 2, 4), (64, 256, 4, 4), (128, 256, 4, 4), (128, 128, 4, 4), (256, 128, 8, 3)]]
     else:
-        c = [F(block_m=bm, block_n=bn, block_k=bk, group_tiles=8, num_warps=w, num_stages=s)
-             for bm, bn, bk, w, s in [
-                 (64, 128, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
-                 (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]]
+        c = [F(block_m=bm, block_n=bn, block_k=bk, group_tiles=8, swap=sw, num_warps=w, num_stages=s)
+             for bm, bn, bk, sw, w, s in [
+                 (64, 128, 128, False, 4, 4), (128, 128, 128, False, 8, 3), (128, 256, 64, False, 8, 3),
+                 (128, 128, 64, False, 8, 4), (128, 256, 64, True, 8, 3), (256, 128, 64, True, 8, 3),
+                 (128, 128, 64, True, 4, 4)]]
         c.append(F(kind="dequant", block_n=32, block_k=512, num_warps=4))
     return [x for x in c if config_fits(x, g)] or [default_config(m, n, k, g)]
 
