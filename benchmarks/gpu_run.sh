@@ -10,8 +10,9 @@ timeout ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_kernels.py --out $OUT --s
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   timeout ${TEST_TIMEOUT:-270} python3 -m pytest tests/test_triton_kernels.py -x -q -p no:cacheprovider 2>&1 | tee $OUT/tests.log | tail -6
 fi
-if [ "${SKIP_NCU:-0}" != "1" ] && command -v ncu >/dev/null; then
-  PYTHONPATH=. timeout 60 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats -k regex:db_matmul -c 1 \
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ "${SKIP_NCU:-0}" != "1" ] && [ -n "$NCU" ]; then
+  PYTHONPATH=. timeout 60 $NCU --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats -k regex:db_matmul -c 1 \
     python3 benchmarks/profile_case.py 28672 8192 1 > $OUT/ncu.txt 2>&1
   grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|Block Limit" $OUT/ncu.txt | head -30
 fi
