@@ -93,14 +93,15 @@ def test_layout_rejects_unsupported_group_size():
 
 if GPU:
     SHAPES = [(1, 4096, 4096, 64), (16, 11008, 4096, 64), (7, 4000, 4160, 64), (33, 1000, 4100, 64),
-              (100, 512, 64, 64), (257, 4096, 1024, 128), (1, 300, 1000, 32)]
+              (100, 512, 64, 64), (257, 4096, 1024, 128), (1, 300, 1000, 32), (300, 2048, 8192, 64)]
     CONFIGS = None  # every tuning candidate of the shape's M bucket
 else:
     SHAPES = [(1, 40, 100, 32), (5, 70, 256, 64), (3, 48, 64, 64), (7, 50, 128, 64), (33, 20, 192, 64)]
     CONFIGS = [KernelConfig(block_m=16, block_n=32, block_k=128), KernelConfig(block_m=16, block_n=16, block_k=256),
                KernelConfig(block_m=32, block_n=64, block_k=64, group_tiles=2),
                KernelConfig(block_m=16, block_n=32, block_k=64, group_tiles=2, swap=True),
-               KernelConfig(kind="dequant", block_n=16, block_k=128)]
+               KernelConfig(kind="dequant", block_n=16, block_k=128),
+               KernelConfig(kind="dequant", block_n=16, block_k=128, chunk_n=32)]
 SHAPE_IDS = [f"m{m}-n{n}-k{k}-g{g}" for m, n, k, g in SHAPES]
 
 

@@ -31,6 +31,9 @@ class KernelConfig:
     ``kind="fused"``: :func:`~.kernels.db_matmul_kernel` with these block sizes.
     ``kind="dequant"``: :func:`~.kernels.db_dequant_kernel` (``block_n x block_k`` tiles) into a
     dense weight, then ``F.linear`` (cuBLAS); ``block_m``/``group_tiles``/``num_stages`` unused.
+    ``chunk_n > 0`` does it ``chunk_n`` output rows at a time (dense chunk sized to stay in L2
+    until cuBLAS reads it; each chunk's product is written straight into a column slice of the
+    output, which cuBLAS takes with leading dimension N, no copy).
     """
 
     kind: str = "fused"
@@ -39,6 +42,7 @@ class KernelConfig:
     block_k: int = 512
     group_tiles: int = 1
     swap: bool = False
+    chunk_n: int = 0
     num_warps: int = 4
     num_stages: int = 3
 
@@ -51,7 +55,8 @@ class KernelConfig:
 
     def short(self) -> str:
         if self.kind == "dequant":
-            return f"dequant{self.block_n}x{self.block_k}w{self.num_warps}+cublas"
+            chunk = f"c{self.chunk_n}" if self.chunk_n else ""
+            return f"dequant{self.block_n}x{self.block_k}w{self.num_warps}{chunk}+cublas"
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_tiles}"
                 f"w{self.num_warps}s{self.num_stages}" + ("x" if self.swap else ""))
 
@@ -131,8 +136,20 @@ def run_config(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg:
     """Run the linear on ``x2 [M, K]`` with ``cfg`` (either kind)."""
     if cfg.kind == "dequant":
         _check_x(x2, gw)
-        w = launch_dequant(gw, x2.dtype, cfg, wrap)
-        return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        b = None if bias is None else bias.to(x2.dtype)
+        n = gw.out_features
+        if not cfg.chunk_n or n <= cfg.chunk_n:
+            return F.linear(x2, launch_dequant(gw, x2.dtype, cfg, wrap), b)
+        out = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
+        for r0 in range(0, n, cfg.chunk_n):
+            r1 = min(n, r0 + cfg.chunk_n)
+            part = GpuWeights(gw.qweight[r0:r1], gw.scales[r0:r1], gw.in_features, gw.group_size)
+            w = launch_dequant(part, x2.dtype, cfg, wrap)
+            if b is None:
+                torch.mm(x2, w.t(), out=out[:, r0:r1])
+            else:
+                torch.addmm(b[r0:r1], x2, w.t(), out=out[:, r0:r1])
+        return out
     return launch_matmul(x2, gw, bias, cfg, wrap)
 
 
