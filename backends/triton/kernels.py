@@ -8,11 +8,13 @@ float32 by the tensor cores, rounded to the activation dtype at the end.
 Two kernels:
 
 - :func:`db_matmul_kernel` computes ``out^T = W @ x^T`` tile by tile: a ``[BLOCK_N, BLOCK_K]``
-  weight tile is unpacked in registers straight into the layout of the dot's A operand
-  (Hopper ``wgmma`` reads A from registers), ``x^T`` is the B operand. One kernel serves decode
-  (``BLOCK_M = 16``; rows of x past M are clamped to row M-1, so loads need no mask and the
-  store is masked; small ``BLOCK_N`` so that ``cdiv(N, BLOCK_N)`` programs cover every SM, each
-  streaming whole rows of K) and prefill (``BLOCK_M`` 64-256, grouped tile order for L2 reuse).
+  weight tile is decoded in registers straight into the layout of the dot's A operand
+  (Hopper ``wgmma`` reads A from registers), ``x^T`` is the B operand (``SWAP=True``: the other
+  orientation, ``x @ W^T``, with the decoded tile going through shared memory). One kernel
+  serves decode (``BLOCK_M = 16``, the minimum of ``tl.dot``; rows of x past M are masked, so
+  at M = 1 only one row is read; small ``BLOCK_N`` so that ``cdiv(N, BLOCK_N)`` programs cover
+  every SM, each streaming whole rows of K) and prefill (``BLOCK_M`` 64-256, grouped tile order
+  for L2 reuse). Weight rows past N are clamped to row N-1 (loads need no mask; the store is).
 - :func:`db_dequant_kernel` writes the dense ``[N, K]`` weight in the activation dtype, for the
   large-M path "dequantize, then cuBLAS".
 

@@ -17,6 +17,7 @@ The file format (``version`` 1)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -182,10 +183,15 @@ def tune(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, reps: int 
             _log(f"config {cfg.short()} failed for N={n} K={k} M={m}: {type(e).__name__}: {str(e)[:200]}")
             continue
         results[cfg.short()] = ms
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
+    ran = [c for c in candidates(m, n, k, g) if not math.isnan(results.get(c.short(), math.nan))]
+    if not ran:
         raise RuntimeError(f"db_linear (triton): no configuration ran for N={n} K={k} G={g} M={m}")
+    # second pass over the three fastest: single cold runs of a few microseconds are noisy
+    for cfg in sorted(ran, key=lambda c: results[c.short()])[:3]:
+        again = _time_ms(lambda: run_config(x2, gw, bias, cfg), flush, reps)
+        results[cfg.short()] = min(results[cfg.short()], again)
+        if results[cfg.short()] < best_ms:
+            best, best_ms = cfg, results[cfg.short()]
     return best, results
 
 
