@@ -12,6 +12,7 @@ Importing this package registers the ``torch.ops.dbllm`` operators.
 """
 
 from dbllm_compile import ops  # noqa: F401  (registers torch.ops.dbllm.*)
+from dbllm_compile import backends  # noqa: F401  (registers the CUDA kernels when Triton is installed)
 from dbllm_compile.api import DBLLMModel, SizeReport, convert, quantize
 from dbllm_compile.config import CONFIG_VERSION, DBLLMConfig
 from dbllm_compile.errors import (

@@ -28,7 +28,6 @@ VARIANTS = {
     "maxabs (s = max|w|/2)": dict(init="maxabs"),
     "mse grid, 48 steps (default)": dict(init="mse"),
     "mse grid + 2 least-squares refinements": dict(init="mse", init_refine_iters=2),
-    "mse grid + 8 least-squares refinements": dict(init="mse", init_refine_iters=8),
 }
 
 
@@ -53,7 +52,7 @@ def main() -> None:
         t = time.perf_counter()
         q = dc.quantize(model, example, dc.DBLLMConfig(**kw), example_kwargs={"use_cache": False})
         seconds = time.perf_counter() - t
-        r = perplexity(q, ids, seq_len=args.seq_len, max_windows=args.windows, desc=name)
+        r = perplexity(dc.convert(q, progress=False), ids, seq_len=args.seq_len, max_windows=args.windows, desc=name)
         rows.append({"variant": name, "config": kw, "ppl": r.perplexity, "quantize_s": seconds})
         print(f"{name:45s} ppl {r.perplexity:14.2f}   (init {seconds:.0f} s)", flush=True)
         del q
