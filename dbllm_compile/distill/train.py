@@ -46,7 +46,8 @@ class DistillConfig:
         block_latent_lr: same for the latent weights.
         seed: seed of the data order.
         checkpoint_every: end-to-end steps between checkpoints.
-        autocast: ``"auto"`` (bf16 on CUDA, none on CPU), ``"bf16"`` or ``"none"``.
+        autocast: ``"auto"`` (the exported dtype, TF32 matmuls on CUDA), ``"bf16"`` (autocast;
+            only for graphs without dtype assertions) or ``"none"``.
     """
 
     steps: int = 100
@@ -94,8 +95,18 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
 
 
 def _autocast(device: torch.device, mode: str):
-    on = mode == "bf16" or (mode == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+    """Mixed precision for a stage.
+
+    The exported graph asserts the dtypes it was traced with (``_assert_tensor_metadata``), so
+    autocast cannot change them: ``"auto"`` runs in the exported dtype and only allows TF32
+    matmuls on CUDA. For bf16 training, export a bf16 model (``model.to(torch.bfloat16)``
+    before :func:`dbllm_compile.quantize`). ``"bf16"`` forces autocast for graphs exported
+    without dtype assertions.
+    """
+    if device.type == "cuda" and mode == "auto":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
 
 
 def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
