@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# `import dbllm_compile` imports Triton (to register the CUDA kernels). Without a GPU the kernel
+# tests run in Triton's interpreter, which must be switched on before the first Triton import,
+# i.e. here, before any test module imports dbllm_compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
