@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BUDGETS: dict[str, dict[str, int]] = {
-    # 2 CPU cores, SmolLM2-135M: ~20 s of data, ~2.5 min block-wise, ~1.5 min end to end.
+    # 2 CPU cores, SmolLM2-135M (measured 2026-11-23): 21 s of data, 202 s block-wise, 98 s end to end.
     "cpu": {"tokens": 16 * 128, "calib_seq_len": 128, "block_steps": 16, "steps": 6, "batch_size": 4},
     # one H100 (measured 2026-11-23 on a SmolLM2-shaped model, benchmarks/gpu_distill_timing.py):
     # 0.14 s per block step and 0.91 s per end-to-end step at 8x512, so ~14 + ~15 min, plus
