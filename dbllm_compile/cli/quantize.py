@@ -1,6 +1,4 @@
-"""The ``dbllm-compile`` command line.
-
-``dbllm-compile quantize`` is the main job: load a model (the bundled SmolLM2-135M by
+"""``dbllm-compile quantize``: the main job: load a model (the bundled SmolLM2-135M by
 default), quantize its linears to dual-binary 2-bit weights (post-training initialisation),
 convert to packed bits, evaluate perplexity of the full-precision and 2-bit models, print a
 results table and write the packed model.
@@ -15,12 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["BUDGETS", "add_parser", "run"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbllm-compile", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``quantize`` subcommand to ``sub`` (an argparse subparsers action)."""
     q = sub.add_parser("quantize", help="quantize, convert, evaluate and save a model (the main job)")
     q.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (bundled, default), a local Hugging Face model directory, or a .gguf file")
@@ -61,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of calibration sequences taken from --corpus (default 1: corpus only)")
     d.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     d.add_argument("--seed", type=int, default=0, help="seed of calibration data and data order")
-    return parser
+    q.set_defaults(run=run)
+    return q
 
 
 BUDGETS: dict[str, dict[str, int]] = {
@@ -125,7 +123,7 @@ def _calibration(args, model, tokenizer, budget, console) -> Any:
     return data
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.markup import escape
@@ -252,21 +250,3 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dbllm-compile`` console script."""
-    from dbllm_compile.errors import DBLLMError
-
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "quantize":
-            return _cmd_quantize(args)
-    except DBLLMError as exc:
-        print(f"dbllm-compile: error: {exc}", file=sys.stderr)
-        return 2
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

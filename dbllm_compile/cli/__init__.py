@@ -1,0 +1,47 @@
+"""The ``dbllm-compile`` command line.
+
+One module per subcommand; each exposes ``add_parser(subparsers)`` (which sets ``run`` as the
+parser's default) and ``run(args) -> int``:
+
+- ``quantize`` (:mod:`dbllm_compile.cli.quantize`): the main job — quantize, distil, convert,
+  evaluate and save a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from dbllm_compile.cli import quantize
+
+__all__ = ["build_parser", "main"]
+
+_SUBCOMMANDS = (quantize,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbllm-compile",
+        description="Compile a model's linear layers into 2-bit dual-binary (DB-LLM) layers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dbllm-compile`` console script."""
+    from dbllm_compile.errors import DBLLMError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except DBLLMError as exc:
+        print(f"dbllm-compile: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
