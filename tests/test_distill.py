@@ -104,7 +104,7 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch, kill_a
         q = _student(model, data)
         if kill:
             calls = {"n": 0}
-            target = "_rel_mse" if kill_at == "blocks" else "distill_loss"
+            target = "_token_rel_mse" if kill_at == "blocks" else "distill_loss"
             real = getattr(train_mod, target)
             limit = 8 + 4 if kill_at == "blocks" else 5  # mid-way through block 1 / at e2e step 5
 
@@ -129,3 +129,19 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch, kill_a
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_block_losses_follow_their_formulas():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 8)
+    ref[0, 0, 3] = 1e4  # a massive activation on one token
+    out = ref + 0.1 * torch.randn(2, 5, 8)
+    glob = train_mod._rel_mse((out,), (ref,))
+    token = train_mod._token_rel_mse((out,), (ref,))
+    assert torch.allclose(glob, ((out - ref) ** 2).sum() / (ref**2).sum())
+    per_token = ((out - ref) ** 2).sum(-1) / (ref**2).sum(-1)
+    assert torch.allclose(token, per_token.mean())
+    # the massive token hides every other token's error from the global loss, not from the per-token one
+    assert glob < 1e-6 < token
+    with pytest.raises(dc.ConfigError, match="block_loss"):
+        DistillConfig(block_loss="l1")

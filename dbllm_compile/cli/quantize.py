@@ -112,7 +112,7 @@ def _calibration(args, model, tokenizer, budget, console) -> Any:
 
     n = max(budget["batch_size"], budget["tokens"] // budget["calib_seq_len"])
     spec = CalibrationSpec(num_sequences=n, seq_len=budget["calib_seq_len"], seed=args.seed,
-                           batch_size=min(n, 64))
+                           batch_size=min(n, 128 if model.device.type == "cuda" else 64))
     if args.corpus is not None and args.corpus_fraction >= 1.0:
         return corpus_calibration(tokenizer, load_eval_text(args.corpus), spec)
     data = generate_calibration(model, spec, tokenizer=tokenizer)
@@ -158,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
         budget = _resolve_budget(args, device)
         distill_cfg = DistillConfig(steps=budget["steps"], block_steps=budget["block_steps"],
                                     batch_size=budget["batch_size"], block_batch_size=budget["batch_size"],
-                                    loss=LossSpec(args.loss), train_latent=not args.scales_only, seed=args.seed)
+                                    loss=LossSpec(args.loss), train_latent=not args.scales_only, seed=args.seed,
+                                    # a checkpoint holds latents + AdamW state (~1.6 GB for 135M): not too often
+                                    checkpoint_every=100 if budget["steps"] >= 500 else 25)
     texts: dict[str, str] = {}
     extra_files: set[str] = set()
     if not args.no_default_text:

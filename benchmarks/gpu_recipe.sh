@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The one-GPU distillation recipe on the real SmolLM2-135M, as measured for docs/results.md.
+#
+#   bash benchmarks/gpu_recipe.sh MODEL.gguf WIKITEXT_TEST_RAW OUT_DIR [more dbllm-compile args]
+#
+# Installs the package (the machine already has torch), then runs the main job with the `gpu`
+# budget: MSE-grid init + 2 least-squares refinements, data-free calibration text, block-wise
+# reconstruction, end-to-end DAD distillation, packed evaluation on the first 40 windows of
+# 512 tokens of WikiText-2 test. The run directory OUT_DIR-run/ holds the checkpoint: running
+# the same command again after a kill or a timeout resumes where it stopped.
+set -euo pipefail
+model=$1; text=$2; out=$3; shift 3
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m dbllm_compile quantize --model "$model" --device cuda --budget gpu --init-refine-iters 2 \
+    --eval-text "$text" --windows 40 --no-default-text --out "$out" --json "$@"
