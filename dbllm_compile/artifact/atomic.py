@@ -92,7 +92,7 @@ def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     try:
