@@ -4,9 +4,12 @@ For compilers that cannot call a ``torch.library`` custom op: AOTInductor on CPU
 is opaque to Inductor and a package calling it would need dbllm_compile at run time) and
 torch-mlir's lowerings below the torch dialect. The decomposition is the op's own reference
 (:func:`dbllm_compile.reference.linear.db_linear_packed_reference`), which is written in ATen
-ops only, so the decomposed graph computes bit-identical results on CPU:
+ops only; this decomposition computes the same numbers with the same float32 operations, but
+shifts int32 with ``aten.bitwise_right_shift`` rather than ``uint8`` with ``>>`` (torch-mlir
+knows no ``aten.__rshift__`` and lowers few ``ui8`` ops), so the decomposed graph is
+bit-identical to the op on CPU:
 
-    bits[..., c, j] = (packed[..., c] >> j) & 1                  uint8 [2, N, K_pad]
+    bits[p, n, 8c + j] = (int32(packed[p, n, c]) >> j) & 1        [2, N, K_pad] (LSB first)
     w[n, k]        = a1[n, k // G] * bits[0, n, k] + a2[n, k // G] * bits[1, n, k]   (float32)
     y              = x @ w[:, :K].to(x.dtype).T + bias
 
@@ -21,11 +24,34 @@ from torch.export import ExportedProgram
 
 from dbllm_compile.errors import GraphPassError
 from dbllm_compile.ops import DEPLOY_OP
-from dbllm_compile.reference.linear import db_linear_packed_reference
+from dbllm_compile.reference.dual_binary import num_groups
 
-__all__ = ["DUAL_BINARY_DECOMPOSITIONS", "decompose_dual_binary"]
+__all__ = ["DUAL_BINARY_DECOMPOSITIONS", "db_linear_decomposed", "decompose_dual_binary"]
 
-DUAL_BINARY_DECOMPOSITIONS = {DEPLOY_OP: db_linear_packed_reference}
+def db_linear_decomposed(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    a1: torch.Tensor,
+    a2: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``dbllm.db_linear`` in plain ATen ops (see the module docstring).
+
+    Shapes: ``x [..., K]``, ``packed uint8 [2, N, K_pad/8]``, ``a1, a2 [N, K_pad/G]``,
+    ``bias [N]`` or None; returns ``[..., N]`` in ``x.dtype``.
+    """
+    _, n, c = packed.shape
+    g = num_groups(in_features, group_size)
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+    bits = torch.bitwise_right_shift(packed.to(torch.int32).unsqueeze(-1), shifts).bitwise_and(1).to(torch.float32).reshape(2, n, g, group_size)
+    w = a1.float().unsqueeze(-1) * bits[0] + a2.float().unsqueeze(-1) * bits[1]
+    w = w.reshape(n, c * 8)[:, :in_features]
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+DUAL_BINARY_DECOMPOSITIONS = {DEPLOY_OP: db_linear_decomposed}
 """Decomposition table: ``dbllm.db_linear`` -> ATen (for ``ExportedProgram.run_decompositions``)."""
 
 

@@ -123,11 +123,13 @@ def flat_export(
     example_inputs: tuple | None = None,
     example_kwargs: dict[str, Any] | None = None,
     dynamic: bool = True,
+    decompose: bool | None = None,
 ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """Export ``deployed`` with the flat calling convention, ready for AOTInductor.
 
-    Returns the program (dual-binary layers decomposed to ATen on CPU, Triton ops on CUDA) and
-    the metadata ``{"inputs": [...], "outputs": [...], "device": ...}``.
+    Returns the program (dual-binary layers decomposed to ATen on CPU unless
+    ``decompose=False``, Triton ops on CUDA) and the metadata ``{"inputs": [...],
+    "outputs": [...], "device": ...}``.
     """
     from torch.export import Dim
 
@@ -157,7 +159,7 @@ def flat_export(
         notes.append(f"dynamic export failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                      "the package has static shapes")
         ep = torch.export.export(flat, tensors, strict=False)
-    if device.type == "cpu":
+    if decompose if decompose is not None else device.type == "cpu":
         ep = decompose_dual_binary(ep)
     import inspect
 
@@ -169,7 +171,8 @@ def flat_export(
         "outputs": names,
         "fixed_kwargs": {k: v for k, v in fixed.items() if isinstance(v, (bool, int, float, str, type(None)))},
         "device": device.type,
-        "dual_binary": "aten unpack+matmul" if device.type == "cpu" else "triton (dbllm.db_linear_gpu)",
+        "dual_binary": ("triton (dbllm.db_linear_gpu)" if device.type == "cuda" else
+                        "dbllm.db_linear" if decompose is False else "aten unpack+matmul"),
         "dynamic_dims": {str(s): str(r) for s, r in ep.range_constraints.items()},
         "notes": notes,
     }
