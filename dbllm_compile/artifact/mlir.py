@@ -151,6 +151,9 @@ _LOWERING = (
 def run_linalg(module: Any, inputs: Sequence[torch.Tensor], func_name: str = "forward") -> torch.Tensor:
     """Compile a static-shape ``linalg-on-tensors`` module to LLVM and run ``func_name`` on CPU.
 
+    ``module`` is a ``torch_mlir.ir.Module`` or the path of a ``.mlir`` file (e.g. from
+    :func:`save_mlir`).
+
     Uses upstream MLIR passes (bufferize, linalg to loops, to LLVM) and
     ``torch_mlir.execution_engine.ExecutionEngine``. Supports functions with one tensor result.
 
@@ -165,8 +168,12 @@ def run_linalg(module: Any, inputs: Sequence[torch.Tensor], func_name: str = "fo
     from torch_mlir.passmanager import PassManager
     from torch_mlir.runtime import np_to_memref as memref
 
-    with _private_tmpdir(), module.context:
-        module = ir.Module.parse(str(module))
+    if isinstance(module, (str, os.PathLike)):
+        text, context = Path(module).read_text(), ir.Context()
+    else:
+        text, context = str(module), module.context
+    with _private_tmpdir(), context:
+        module = ir.Module.parse(text)
         func = next(op for op in module.body.operations if "sym_name" in op.attributes
                     and ir.StringAttr(op.attributes["sym_name"]).value == func_name)
         results = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).results
