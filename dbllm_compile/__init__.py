@@ -8,7 +8,9 @@ Quick start::
     ...  # distil / fine-tune qmodel (its scales and latent weights are parameters)
     deployed = dbllm_compile.convert(qmodel)   # packed 2-bit planes + fp16 scales
 
-Importing this package registers the ``torch.ops.dbllm`` operators.
+Importing this package registers the ``torch.ops.dbllm`` operators and, in transformers'
+quantizer registry, the quantization method ``"dbllm"`` (so ``from_pretrained`` loads
+checkpoints written by :func:`dbllm_compile.artifact.hf.to_hf` + ``save_pretrained``).
 """
 
 from dbllm_compile import ops  # noqa: F401  (registers torch.ops.dbllm.*)
@@ -24,6 +26,18 @@ from dbllm_compile.errors import (
 )
 
 __version__ = "0.1.0"
+
+
+def _register_transformers() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        from dbllm_compile.artifact.hf import register
+
+        register()
+
+
+_register_transformers()
 
 __all__ = [
     "CONFIG_VERSION",

@@ -64,6 +64,12 @@ class DBLLMModel(torch.nn.Module):
         stage: ``"train"`` or ``"deploy"``.
         fixed_kwargs: non-tensor keyword arguments the model was exported with (e.g.
             ``use_cache=False``); they are baked into the graph, so calls may omit them.
+        example_spec: shapes and dtypes of the example inputs it was exported with
+            (:func:`dbllm_compile.artifact.source.describe_inputs`), or ``None``; artifacts use
+            it to re-export the model.
+        architecture: what the source model was (:func:`dbllm_compile.artifact.source.
+            describe_architecture`: class, and the Hugging Face config for transformers models),
+            or ``None``; artifacts use it to rebuild the model without its weights.
     """
 
     def __init__(
@@ -73,6 +79,9 @@ class DBLLMModel(torch.nn.Module):
         report: PassReport,
         stage: str,
         fixed_kwargs: dict[str, Any] | None = None,
+        *,
+        example_spec: dict[str, Any] | None = None,
+        architecture: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.graph_module = graph_module
@@ -80,6 +89,8 @@ class DBLLMModel(torch.nn.Module):
         self.report = report
         self.stage = stage
         self.fixed_kwargs = dict(fixed_kwargs or {})
+        self.example_spec = example_spec
+        self.architecture = architecture
 
     def train(self, mode: bool = True) -> "DBLLMModel":
         """Set the flag only: the exported graph was traced in eval mode and has no train mode
@@ -188,6 +199,8 @@ def quantize(
         >>> len(q.report.rewritten), q(torch.randn(3, 64)).shape
         (2, torch.Size([3, 64]))
     """
+    from dbllm_compile.artifact.source import describe_architecture, describe_inputs
+
     config = config or DBLLMConfig()
     if not isinstance(config, DBLLMConfig):
         raise TypeError(f"config must be a DBLLMConfig, got {type(config).__name__}")
@@ -201,7 +214,11 @@ def quantize(
     report = quantize_linears(gm, config, progress=_tqdm("quantize", progress))
     report.notes[:0] = notes
     fixed = {k: v for k, v in (example_kwargs or {}).items() if not isinstance(v, torch.Tensor) and not _has_tensor(v)}
-    return DBLLMModel(gm, config, report, stage="train", fixed_kwargs=fixed)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return DBLLMModel(gm, config, report, stage="train", fixed_kwargs=fixed,
+                      example_spec=describe_inputs(example_inputs, example_kwargs or {}),
+                      architecture=describe_architecture(model))
 
 
 def _has_tensor(value: Any) -> bool:
@@ -230,4 +247,5 @@ def convert(qmodel: DBLLMModel, *, inplace: bool = False, progress: bool = True)
         pack_linears(gm, progress=_tqdm("convert", progress))
     for p in gm.parameters():
         p.requires_grad_(False)
-    return DBLLMModel(gm, qmodel.config, qmodel.report, stage="deploy", fixed_kwargs=qmodel.fixed_kwargs)
+    return DBLLMModel(gm, qmodel.config, qmodel.report, stage="deploy", fixed_kwargs=qmodel.fixed_kwargs,
+                      example_spec=qmodel.example_spec, architecture=qmodel.architecture)

@@ -48,8 +48,14 @@ def pack_linears(
     gm: fx.GraphModule,
     *,
     progress: Callable[[Iterable], Iterable] | None = None,
+    structure_only: bool = False,
 ) -> list[PackedLayer]:
-    """Convert every training-form node of ``gm`` in place; returns what was packed."""
+    """Convert every training-form node of ``gm`` in place; returns what was packed.
+
+    With ``structure_only=True`` no bit is computed: the packed planes ``uint8 [2, N, K_pad/8]``
+    and the scales ``[N, ceil(K/G)]`` are zeros of the right shapes and dtypes, on the latent
+    weight's device (placeholders for tensors loaded from an artifact afterwards).
+    """
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == TRAIN_OP]
     training_attrs = {arg.target for n in nodes for arg in n.args[1:4]}
     done: dict[str, tuple[str, str, str, PackedLayer]] = {}
@@ -61,8 +67,12 @@ def pack_linears(
             weight = get_attr_value(gm, target)
             a1 = get_attr_value(gm, a1_node.target)
             a2 = get_attr_value(gm, a2_node.target)
-            _, b1, b2 = train_weight_reference(weight, a1, a2, group_size, scale_dtype)
-            packed = pack_planes(b1, b2)
+            if structure_only:
+                k_pad = a1.shape[1] * group_size
+                packed = torch.zeros((2, weight.shape[0], k_pad // 8), dtype=torch.uint8, device=weight.device)
+            else:
+                _, b1, b2 = train_weight_reference(weight, a1, a2, group_size, scale_dtype)
+                packed = pack_planes(b1, b2)
             s1 = a1.detach().to(scale_dtype)
             s2 = a2.detach().to(scale_dtype)
             names = (f"{target}_packed", f"{target}_a1_{str(scale_dtype).split('.')[-1]}",

@@ -153,13 +153,33 @@ def _consumers(node: fx.Node, transposes: set) -> list[fx.Node]:
     return out
 
 
+@dataclass
+class _PlaceholderInit:
+    a1: torch.Tensor
+    a2: torch.Tensor
+
+
+def _placeholder_init(latent: torch.Tensor, group_size: int) -> _PlaceholderInit:
+    """Zero scales ``[N, ceil(K/G)]`` on the weight's device (``structure_only``)."""
+    n, k = latent.shape
+    shape = (n, -(-k // group_size))
+    return _PlaceholderInit(torch.zeros(shape, device=latent.device), torch.zeros(shape, device=latent.device))
+
+
 def quantize_linears(
     gm: fx.GraphModule,
     config: DBLLMConfig,
     *,
     progress: Callable[[Iterable], Iterable] | None = None,
+    structure_only: bool = False,
 ) -> PassReport:
     """Rewrite the selected linears of ``gm`` in place; returns the report.
+
+    With ``structure_only=True`` the graph and the attributes are rewritten exactly as usual but
+    no weight value is read: scales are zeros of the right shape and no initialisation runs
+    (``init_mse`` is NaN). This is how a saved artifact is rebuilt from a skeleton with
+    placeholder (or meta) weights before its stored tensors are loaded
+    (:mod:`dbllm_compile.artifact.rebuild`).
 
     Example:
         >>> from dbllm_compile.passes.export import export_model
@@ -219,15 +239,18 @@ def quantize_linears(
         site = group[0]
         weight = get_attr_value(gm, target).detach()
         latent = (weight if site.layout == "nk" else weight.t()).contiguous().clone()
-        check_weight(latent, site.name)
-        init = init_scales(
-            latent,
-            G,
-            method=config.init,
-            grid_points=config.init_grid_points,
-            refine_iters=config.init_refine_iters,
-            name=site.name,
-        )
+        if structure_only:
+            init = _placeholder_init(latent, G)
+        else:
+            check_weight(latent, site.name)
+            init = init_scales(
+                latent,
+                G,
+                method=config.init,
+                grid_points=config.init_grid_points,
+                refine_iters=config.init_refine_iters,
+                name=site.name,
+            )
         a1_target, a2_target = f"{target}_a1", f"{target}_a2"
         _set_attr(gm, target, latent, parameter=True)
         _set_attr(gm, a1_target, init.a1.float(), parameter=True)
@@ -264,8 +287,8 @@ def quantize_linears(
                 in_features=site.in_features,
                 out_features=site.out_features,
                 padded_in_features=k_pad,
-                init_mse=float(init.mse.mean()),
-                mirrored_fraction=float(init.mirrored.float().mean()),
+                init_mse=float("nan") if structure_only else float(init.mse.mean()),
+                mirrored_fraction=float("nan") if structure_only else float(init.mirrored.float().mean()),
             )
         )
     gm.graph.lint()

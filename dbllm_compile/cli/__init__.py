@@ -5,6 +5,7 @@ parser's default) and ``run(args) -> int``:
 
 - ``quantize`` (:mod:`dbllm_compile.cli.quantize`): the main job — quantize, distil, convert,
   evaluate and save a model.
+- ``export`` (:mod:`dbllm_compile.cli.export`): a saved artifact to safetensors, hf, pt2, aoti or mlir.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from dbllm_compile.cli import quantize
+from dbllm_compile.cli import export, quantize
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = (quantize,)
+_SUBCOMMANDS = (quantize, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,291 @@
+"""Diagnose AOTInductor on a GPU machine: why ``aoti_load_package`` crashed, and whether the
+dual-binary package (Triton kernels compiled in) runs from Python and from C++.
+
+Every step runs in its own subprocess (``python -X faulthandler``), so a segfault is recorded
+(return code -11 and the faulthandler stack) instead of ending the check. Steps:
+
+1. ``env``: torch / CUDA / Triton / compiler versions, GPU name.
+2. ``compile_plain``: compile ``nn.Linear`` on CUDA (fp16) and on CPU into packages.
+3. loading the plain CUDA package in fresh processes, one variant each:
+   ``load_default`` (``aoti_load_package``), ``load_single_threaded`` (``run_single_threaded=True``),
+   ``load_loader_direct`` (``torch._C._aoti.AOTIModelPackageLoader`` with an explicit device
+   index), ``load_after_cuda_init`` (CUDA context created first), ``load_after_triton_import``,
+   ``compile_and_load_same_process``; and ``load_cpu_package`` (a CPU package on this image).
+   If ``gdb`` exists, ``gdb_backtrace`` records the native stack of ``load_default``.
+4. ``dbllm_compile``: a tiny fp16 Llama quantized on CUDA, converted, packaged with
+   :func:`dbllm_compile.artifact.aoti.aoti_package` (``device="cuda"``: ``dbllm.db_linear_gpu``
+   Triton kernels), then ``dbllm_load`` runs it in a fresh process with ``dbllm_compile``
+   blocked from import and compares with the eager model.
+5. ``cpp_build`` / ``cpp_run_plain`` / ``cpp_run_dbllm``: build ``examples/aoti_cpp`` (CMake, or
+   g++ directly when CMake is missing) and run both packages from C++.
+
+Writes ``aoti_check.json`` (and the packages, logs) under ``--out`` (default ``$OUT`` or
+``./aoti-check``); prints a one-line verdict per step.
+
+Run from the repository root (GPU machine)::
+
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 benchmarks/gpu_aoti_check.py --out "$OUT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PLAIN_RUN = """
+x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+out = runner(x)
+torch.cuda.synchronize()
+print("ran: output", tuple(out[0].shape), float(out[0].float().abs().sum()))
+"""
+
+STEPS: dict[str, str] = {
+    "env": """
+        import torch, platform, subprocess
+        print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+        print("cuda available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+        try:
+            import triton; print("triton", triton.__version__)
+        except ImportError as e:
+            print("triton missing", e)
+        for cmd in (["gcc", "--version"], ["g++", "--version"], ["cmake", "--version"], ["nvcc", "--version"], ["gdb", "--version"]):
+            try:
+                print(cmd[0], subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0])
+            except (OSError, IndexError) as e:
+                print(cmd[0], "missing", e)
+        import torch._inductor.config as c
+        print("aot_inductor.package_cpp_only", getattr(c.aot_inductor, "package_cpp_only", None))
+    """,
+    "compile_plain": """
+        import torch
+        for device, dtype in (("cuda", torch.float16), ("cpu", torch.float32)):
+            m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(device, dtype).eval()
+            x = torch.randn(4, 64, device=device, dtype=dtype)
+            ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{OUT}/plain_{device}.pt2")
+            print("compiled", path)
+    """,
+    "load_default": """
+        import torch
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
+    """ + PLAIN_RUN,
+    "load_single_threaded": """
+        import torch
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2", run_single_threaded=True)
+    """ + PLAIN_RUN,
+    "load_loader_direct": """
+        import torch
+        loader = torch._C._aoti.AOTIModelPackageLoader(f"{OUT}/plain_cuda.pt2", "model", False, 1, 0)
+        print("metadata", loader.get_metadata())
+        x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+        out = loader.run([x]); torch.cuda.synchronize()
+        print("ran: output", tuple(out[0].shape))
+    """,
+    "load_after_cuda_init": """
+        import torch
+        torch.cuda.init(); torch.zeros(1, device="cuda"); torch.cuda.synchronize()
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
+    """ + PLAIN_RUN,
+    "load_after_triton_import": """
+        import torch, triton
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
+    """ + PLAIN_RUN,
+    "compile_and_load_same_process": """
+        import torch
+        m = torch.nn.Linear(64, 64).cuda().half().eval()
+        ep = torch.export.export(m, (torch.randn(4, 64, device="cuda", dtype=torch.float16),))
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{OUT}/plain_same.pt2")
+        runner = torch._inductor.aoti_load_package(path)
+    """ + PLAIN_RUN,
+    "load_cpu_package": """
+        import torch
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cpu.pt2")
+        print("ran: output", tuple(runner(torch.randn(4, 64))[0].shape))
+    """,
+    "dbllm_compile": """
+        import json, torch, zipfile
+        import dbllm_compile as dc
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from safetensors.torch import save_file
+        from dbllm_compile.artifact.aoti import aoti_package
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+        model = LlamaForCausalLM(cfg).eval().to("cuda", torch.float16)
+        example = torch.randint(0, 512, (2, 16), device="cuda")
+        q = dc.quantize(model, (example,), dc.DBLLMConfig(), example_kwargs={"use_cache": False}, progress=False)
+        deployed = dc.convert(q, progress=False)
+        path = aoti_package(deployed, f"{OUT}/dbllm_cuda.pt2", device="cuda")
+        names = zipfile.ZipFile(path).namelist()
+        kernels = [n for n in names if n.endswith((".cubin", ".hsaco", ".fatbin", ".ptx"))]
+        print("package files", len(names), "kernel binaries", len(kernels), kernels[:6])
+        ids = (torch.arange(3 * 11) * 7 % 512).reshape(3, 11).cuda()   # same ids as examples/aoti_cpp
+        ref = deployed(ids).logits
+        save_file({"ids": ids.cpu(), "logits": ref.float().cpu()}, f"{OUT}/dbllm_reference.safetensors")
+        json.dump({"sum": float(ref.double().sum()), "first": ref.flatten()[:4].double().tolist(),
+                   "kernel_binaries": len(kernels)}, open(f"{OUT}/dbllm_reference.json", "w"))
+        print("eager reference saved; logits sum", float(ref.double().sum()))
+    """,
+    "dbllm_load": """
+        import sys
+        sys.modules["dbllm_compile"] = None        # the package must run without dbllm_compile
+        import torch
+        from safetensors.torch import load_file
+        ref = load_file(f"{OUT}/dbllm_reference.safetensors")
+        runner = torch._inductor.aoti_load_package(f"{OUT}/dbllm_cuda.pt2")
+        print("metadata", {k: v for k, v in runner.get_metadata().items() if k.startswith("dbllm.")})
+        (logits,) = runner(ref["ids"].cuda())
+        err = (logits.float().cpu() - ref["logits"]).abs().max().item()
+        scale = ref["logits"].abs().max().item()
+        print("max abs diff vs eager", err, "max |logit|", scale)
+        assert err <= 2e-2 * max(1.0, scale), "AOTI package differs from the eager model"
+        print("ran: same outputs (fp16 tolerance)")
+    """,
+}
+
+LOAD_VARIANTS = ("load_default", "load_single_threaded", "load_loader_direct", "load_after_cuda_init",
+                 "load_after_triton_import", "compile_and_load_same_process", "load_cpu_package")
+
+
+def run_step(name: str, out: Path, timeout: int) -> dict:
+    """Run STEPS[name] in a fresh ``python -X faulthandler`` process; never raises."""
+    code = f"OUT = {str(out)!r}\n" + textwrap.dedent(STEPS[name])
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as err:
+        rc, stdout, stderr = "timeout", (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or ""), ""
+    result = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "stdout": stdout[-4000:], "stderr": stderr[-6000:]}
+    if isinstance(rc, int) and rc < 0:
+        result["signal"] = signal.Signals(-rc).name
+    (out / f"{name}.log").write_text(f"rc={rc}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    return result
+
+
+def gdb_backtrace(out: Path) -> dict:
+    """Native stack of the default load, when gdb is installed."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return {"rc": "skipped", "reason": "gdb not installed"}
+    code = f"OUT = {str(out)!r}\n" + textwrap.dedent(STEPS["load_default"])
+    proc = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "-ex", "info sharedlibrary", "--args",
+                           sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    (out / "gdb_backtrace.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+    frames = [line for line in proc.stdout.splitlines() if line.startswith("#")]
+    return {"rc": proc.returncode, "frames": frames[:40]}
+
+
+def build_cpp(out: Path) -> dict:
+    """Build examples/aoti_cpp: CMake if present, else one g++ command against the wheel's libtorch."""
+    import torch.utils.cpp_extension as ext
+
+    build = out / "aoti_cpp_build"
+    build.mkdir(exist_ok=True)
+    src = ROOT / "examples" / "aoti_cpp"
+    t0 = time.perf_counter()
+    if shutil.which("cmake"):
+        import torch
+
+        cmds = [["cmake", "-S", str(src), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                ["cmake", "--build", str(build), "-j"]]
+    else:
+        import torch
+
+        lib = Path(torch.__file__).parent / "lib"
+        includes = sum((["-I", p] for p in ext.include_paths()), [])
+        cuda_libs = ["-ltorch_cuda", "-lc10_cuda"] if (lib / "libtorch_cuda.so").exists() else []
+        cmds = [["g++", "-std=c++17", "-O1", str(src / "main.cpp"), "-o", str(build / "aoti_run"), *includes,
+                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-L", str(lib),
+                 f"-Wl,-rpath,{lib}", "-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", *cuda_libs, "-lc10"]]
+    log = []
+    for cmd in cmds:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        log.append(f"$ {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0:
+            (out / "cpp_build.log").write_text("\n".join(log))
+            return {"rc": proc.returncode, "command": cmd, "stderr": proc.stderr[-4000:]}
+    (out / "cpp_build.log").write_text("\n".join(log))
+    return {"rc": 0, "binary": str(build / "aoti_run"), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_cpp(binary: str, args: list[str], out: Path, name: str) -> dict:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=300)
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, stdout, stderr = "timeout", "", ""
+    (out / f"{name}.log").write_text(f"rc={rc}\n{stdout}\n--- stderr\n{stderr}")
+    result = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "stdout": stdout[-3000:], "stderr": stderr[-3000:]}
+    if isinstance(rc, int) and rc < 0:
+        result["signal"] = signal.Signals(-rc).name
+    return result
+
+
+def _verdict(result: dict) -> str:
+    rc = result.get("rc")
+    return "ok" if rc == 0 else f"FAILED ({result.get('signal', rc)})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "aoti-check")))
+    parser.add_argument("--timeout", type=int, default=420, help="seconds per step")
+    parser.add_argument("--skip-cpp", action="store_true")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"steps": {}}
+
+    def record(name: str, result: dict) -> dict:
+        report["steps"][name] = result
+        print(f"{name:32s} {_verdict(result)}  ({result.get('seconds', '-')} s)", flush=True)
+        (out / "aoti_check.json").write_text(json.dumps(report, indent=2))
+        return result
+
+    record("env", run_step("env", out, 120))
+    record("compile_plain", run_step("compile_plain", out, args.timeout))
+    for name in LOAD_VARIANTS:
+        record(name, run_step(name, out, args.timeout))
+    if report["steps"]["load_default"]["rc"] != 0:
+        record("gdb_backtrace", gdb_backtrace(out))
+    record("dbllm_compile", run_step("dbllm_compile", out, args.timeout))
+    if report["steps"]["dbllm_compile"]["rc"] == 0:
+        record("dbllm_load", run_step("dbllm_load", out, args.timeout))
+    if not args.skip_cpp:
+        build = record("cpp_build", build_cpp(out))
+        if build["rc"] == 0:
+            record("cpp_run_plain", run_cpp(build["binary"], [str(out / "plain_cuda.pt2"), "float", "4", "64", "float16"],
+                                            out, "cpp_run_plain"))
+            if (out / "dbllm_cuda.pt2").exists():
+                cpp = record("cpp_run_dbllm", run_cpp(build["binary"], [str(out / "dbllm_cuda.pt2"), "ids", "3", "11", "512"],
+                                                      out, "cpp_run_dbllm"))
+                ref = out / "dbllm_reference.json"
+                if cpp["rc"] == 0 and ref.exists():
+                    cpp["reference"] = json.loads(ref.read_text())
+                    record("cpp_run_dbllm", cpp)
+    loads = {n: report["steps"][n]["rc"] for n in LOAD_VARIANTS}
+    report["summary"] = {
+        "plain_load_variants_rc": loads,
+        "dbllm_python": report["steps"].get("dbllm_load", {}).get("rc"),
+        "dbllm_cpp": report["steps"].get("cpp_run_dbllm", {}).get("rc"),
+    }
+    (out / "aoti_check.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {out / 'aoti_check.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
