@@ -41,7 +41,7 @@ from dbllm_compile.passes.linear_match import (
     get_attr_value,
 )
 
-__all__ = ["QuantizedLayer", "PassReport", "quantize_linears", "matches_any", "erase_if_dead"]
+__all__ = ["QuantizedLayer", "PassReport", "quantize_linears", "select_linears", "matches_any", "erase_if_dead"]
 
 
 @dataclass
@@ -153,22 +153,13 @@ def _consumers(node: fx.Node, transposes: set) -> list[fx.Node]:
     return out
 
 
-def quantize_linears(
-    gm: fx.GraphModule,
-    config: DBLLMConfig,
-    *,
-    progress: Callable[[Iterable], Iterable] | None = None,
-) -> PassReport:
-    """Rewrite the selected linears of ``gm`` in place; returns the report.
+def select_linears(gm: fx.GraphModule, config: DBLLMConfig) -> tuple[PassReport, list[tuple[str, list[LinearSite]]]]:
+    """The layers of ``gm`` that ``config`` selects, as ``(weight target, sites)``, in graph order,
+    and a report holding the skipped sites with their reasons (nothing is rewritten).
 
-    Example:
-        >>> from dbllm_compile.passes.export import export_model
-        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-        >>> ep, _ = export_model(m, (torch.randn(2, 64),))
-        >>> gm = ep.module()
-        >>> report = quantize_linears(gm, DBLLMConfig())
-        >>> [q.name for q in report.rewritten], [s.name for s in report.skipped]
-        (['0'], ['2'])
+    Selection: include/exclude patterns on the layer name, heads kept when ``keep_head``, weights
+    also read by anything other than their linear sites (tied embeddings) and weights used in both
+    layouts skipped.
     """
     from dbllm_compile.passes.linear_match import _TRANSPOSES
 
@@ -210,7 +201,27 @@ def quantize_linears(
             report.skipped.extend(SkippedSite(s.name, s.node.name, "weight used in both layouts") for s in group)
         else:
             selected.append((target, group))
+    return report, selected
 
+
+def quantize_linears(
+    gm: fx.GraphModule,
+    config: DBLLMConfig,
+    *,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> PassReport:
+    """Rewrite the selected linears of ``gm`` in place; returns the report.
+
+    Example:
+        >>> from dbllm_compile.passes.export import export_model
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> ep, _ = export_model(m, (torch.randn(2, 64),))
+        >>> gm = ep.module()
+        >>> report = quantize_linears(gm, DBLLMConfig())
+        >>> [q.name for q in report.rewritten], [s.name for s in report.skipped]
+        (['0'], ['2'])
+    """
+    report, selected = select_linears(gm, config)
     iterator: Iterable = selected
     if progress is not None:
         iterator = progress(selected)
