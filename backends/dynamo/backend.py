@@ -90,6 +90,10 @@ def dbllm_backend(
     from torch._inductor.compile_fx import compile_fx
 
     patches: dict[str, Any] = dict(list_mode_options(mode)) if mode else {}
+    if record.lowered.get("db_linear_train:decomposed"):
+        # The decomposition rounds the scales to scale_dtype and back; by default Inductor drops
+        # such round trips inside fused kernels, which would change the bits.
+        patches["emulate_precision_casts"] = True
     patches.update(opts.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
