@@ -30,9 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compile_bench_parts import decode_speed, distill_step_speed, greedy_match, llama_model  # noqa: E402
+from dbllm_compile.bench import decode_speed, distill_step_speed, greedy_match, llama_model
 
 
 def _plot(result: dict, path: Path) -> None:

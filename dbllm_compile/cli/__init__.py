@@ -5,6 +5,10 @@ parser's default) and ``run(args) -> int``:
 
 - ``quantize`` (:mod:`dbllm_compile.cli.quantize`): the main job — quantize, distil, convert,
   evaluate and save a model.
+- ``generate`` (:mod:`dbllm_compile.cli.generate`): text through ``torch.compile(backend="dbllm")``
+  with a static KV cache.
+- ``bench`` (:mod:`dbllm_compile.cli.bench`): prefill/decode tokens/s and peak memory, 2-bit vs
+  the model dtype through plain ``torch.compile``, same run.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from dbllm_compile.cli import quantize
+from dbllm_compile.cli import bench, generate, quantize
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = (quantize,)
+_SUBCOMMANDS = (quantize, generate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Measurements of the torch.compile backend, shared by ``gpu_compile_bench.py`` and CPU runs.
+"""Measurements of the torch.compile backend, shared by ``dbllm-compile bench`` and
+``benchmarks/gpu_compile_bench.py``.
 
 Each function builds what it needs, measures, and returns a JSON-ready dict:
 
@@ -16,6 +17,8 @@ import time
 from typing import Any
 
 import torch
+
+__all__ = ["llama_model", "decode_speed", "distill_step_speed", "greedy_match"]
 
 
 def _sync(device: torch.device) -> None:
@@ -42,7 +45,7 @@ def llama_model(shape: str, device: str, dtype: torch.dtype, layers: int | None 
     cfg = LlamaConfig(**kw)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(cfg, torch_dtype=dtype)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
     return model.eval()
 
 
