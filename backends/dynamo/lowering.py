@@ -187,7 +187,9 @@ def lower_dbllm_ops(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
         if gpu_op is not None and node.target == gpu_op.default:
             record.lowered["db_linear_gpu"] += 1
         elif node.target == TRAIN_OP:
-            if opts.decompose_train:
+            weight = values.get(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+            on_cuda = isinstance(weight, torch.Tensor) and weight.device.type == "cuda"
+            if opts.decompose_train is True or (opts.decompose_train == "auto" and on_cuda):
                 node.target = db_linear_train_decomposed
                 record.lowered["db_linear_train:decomposed"] += 1
             else:
