@@ -13,7 +13,9 @@
 
 ``torch.ops.dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size)``
     Deploy form: ``packed`` is ``uint8 [2, N, K_pad/8]`` in the reference layout of
-    :mod:`dbllm_compile.reference.packing`, ``a1``/``a2`` the stored scales. Inference only.
+    :mod:`dbllm_compile.reference.packing`, ``a1``/``a2`` the stored scales. The weights are
+    frozen: the backward gives ``dL/dx = dL/dy @ w_hat`` and ``dL/dbias`` only (gradients through
+    a frozen 2-bit model, e.g. a model compiled with ``backend="dbllm"`` outside ``no_grad``).
 
 The default (CPU) implementations are the pure-PyTorch references in
 :mod:`dbllm_compile.reference.linear`. Device kernels plug in per device key with
@@ -140,6 +142,32 @@ def db_linear(
 def _db_linear_fake(x, packed, a1, a2, bias, in_features, group_size):
     _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size)
     return x.new_empty((*x.shape[:-1], packed.shape[1]))
+
+
+def _deploy_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, packed, a1, a2, bias, in_features, group_size = inputs
+    ctx.save_for_backward(packed, a1, a2)
+    ctx.in_features, ctx.group_size = in_features, group_size
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _deploy_backward(ctx: Any, grad_y: torch.Tensor):
+    from dbllm_compile.reference.dual_binary import dequantize_bits, padded_in_features
+    from dbllm_compile.reference.packing import unpack_planes
+
+    packed, a1, a2 = ctx.saved_tensors
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        b1, b2 = unpack_planes(packed, padded_in_features(ctx.in_features, ctx.group_size))
+        w_hat = dequantize_bits(b1, b2, a1, a2, ctx.group_size)[:, : ctx.in_features]
+        grad_x = (grad_y @ w_hat.to(grad_y.dtype)).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_b, None, None
+
+
+db_linear.register_autograd(_deploy_backward, setup_context=_deploy_setup_context)
 
 
 TRAIN_OP = torch.ops.dbllm.db_linear_train.default

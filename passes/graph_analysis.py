@@ -45,16 +45,21 @@ def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def find_heads(graph: nx.DiGraph, sites: list[LinearSite]) -> set[str]:
-    """Names of the linear nodes from which no other linear is reachable.
+    """Names of the linear nodes that reach the graph output with no other linear on the way.
 
     One pass in reverse topological order: a node "feeds a linear" if any successor is a
-    linear or feeds one.
+    linear or feeds one, and "reaches the output" if a successor is the output node or reaches
+    it. A linear whose value only feeds a mutation (the key/value projections writing a KV
+    cache in a Dynamo graph) reaches no output and is not a head.
     """
     linear_nodes = {s.node.name for s in sites}
     feeds: dict[str, bool] = {}
+    reaches: dict[str, bool] = {}
     for name in reversed(list(nx.topological_sort(graph))):
-        feeds[name] = any(s in linear_nodes or feeds[s] for s in graph.successors(name))
-    return {n for n in linear_nodes if not feeds[n]}
+        succ = list(graph.successors(name))
+        feeds[name] = any(s in linear_nodes or feeds[s] for s in succ)
+        reaches[name] = graph.nodes[name].get("op") == "output" or any(reaches[s] for s in succ)
+    return {n for n in linear_nodes if not feeds[n] and reaches[n]}
 
 
 def _through_views(node: fx.Node) -> fx.Node:

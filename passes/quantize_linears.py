@@ -41,7 +41,7 @@ from dbllm_compile.passes.linear_match import (
     get_attr_value,
 )
 
-__all__ = ["QuantizedLayer", "PassReport", "quantize_linears", "matches_any", "erase_if_dead"]
+__all__ = ["QuantizedLayer", "PassReport", "quantize_linears", "select_linears", "matches_any", "erase_if_dead"]
 
 
 @dataclass
@@ -153,42 +153,13 @@ def _consumers(node: fx.Node, transposes: set) -> list[fx.Node]:
     return out
 
 
-@dataclass
-class _PlaceholderInit:
-    a1: torch.Tensor
-    a2: torch.Tensor
+def select_linears(gm: fx.GraphModule, config: DBLLMConfig) -> tuple[PassReport, list[tuple[str, list[LinearSite]]]]:
+    """The layers of ``gm`` that ``config`` selects, as ``(weight target, sites)``, in graph order,
+    and a report holding the skipped sites with their reasons (nothing is rewritten).
 
-
-def _placeholder_init(latent: torch.Tensor, group_size: int) -> _PlaceholderInit:
-    """Zero scales ``[N, ceil(K/G)]`` on the weight's device (``structure_only``)."""
-    n, k = latent.shape
-    shape = (n, -(-k // group_size))
-    return _PlaceholderInit(torch.zeros(shape, device=latent.device), torch.zeros(shape, device=latent.device))
-
-
-def quantize_linears(
-    gm: fx.GraphModule,
-    config: DBLLMConfig,
-    *,
-    progress: Callable[[Iterable], Iterable] | None = None,
-    structure_only: bool = False,
-) -> PassReport:
-    """Rewrite the selected linears of ``gm`` in place; returns the report.
-
-    With ``structure_only=True`` the graph and the attributes are rewritten exactly as usual but
-    no weight value is read: scales are zeros of the right shape and no initialisation runs
-    (``init_mse`` is NaN). This is how a saved artifact is rebuilt from a skeleton with
-    placeholder (or meta) weights before its stored tensors are loaded
-    (:mod:`dbllm_compile.artifact.rebuild`).
-
-    Example:
-        >>> from dbllm_compile.passes.export import export_model
-        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-        >>> ep, _ = export_model(m, (torch.randn(2, 64),))
-        >>> gm = ep.module()
-        >>> report = quantize_linears(gm, DBLLMConfig())
-        >>> [q.name for q in report.rewritten], [s.name for s in report.skipped]
-        (['0'], ['2'])
+    Selection: include/exclude patterns on the layer name, heads kept when ``keep_head``, weights
+    also read by anything other than their linear sites (tied embeddings) and weights used in both
+    layouts skipped.
     """
     from dbllm_compile.passes.linear_match import _TRANSPOSES
 
@@ -230,7 +201,47 @@ def quantize_linears(
             report.skipped.extend(SkippedSite(s.name, s.node.name, "weight used in both layouts") for s in group)
         else:
             selected.append((target, group))
+    return report, selected
 
+
+@dataclass
+class _PlaceholderInit:
+    a1: torch.Tensor
+    a2: torch.Tensor
+
+
+def _placeholder_init(latent: torch.Tensor, group_size: int) -> _PlaceholderInit:
+    """Zero scales ``[N, ceil(K/G)]`` on the weight's device (``structure_only``)."""
+    n, k = latent.shape
+    shape = (n, -(-k // group_size))
+    return _PlaceholderInit(torch.zeros(shape, device=latent.device), torch.zeros(shape, device=latent.device))
+
+
+def quantize_linears(
+    gm: fx.GraphModule,
+    config: DBLLMConfig,
+    *,
+    progress: Callable[[Iterable], Iterable] | None = None,
+    structure_only: bool = False,
+) -> PassReport:
+    """Rewrite the selected linears of ``gm`` in place; returns the report.
+
+    With ``structure_only=True`` the graph and the attributes are rewritten exactly as usual but
+    no weight value is read: scales are zeros of the right shape and no initialisation runs
+    (``init_mse`` is NaN). This is how a saved artifact is rebuilt from a skeleton with
+    placeholder (or meta) weights before its stored tensors are loaded
+    (:mod:`dbllm_compile.artifact.rebuild`).
+
+    Example:
+        >>> from dbllm_compile.passes.export import export_model
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> ep, _ = export_model(m, (torch.randn(2, 64),))
+        >>> gm = ep.module()
+        >>> report = quantize_linears(gm, DBLLMConfig())
+        >>> [q.name for q in report.rewritten], [s.name for s in report.skipped]
+        (['0'], ['2'])
+    """
+    report, selected = select_linears(gm, config)
     iterator: Iterable = selected
     if progress is not None:
         iterator = progress(selected)

@@ -55,3 +55,23 @@ def test_unknown_model_is_a_clear_error(capsys):
     rc = main(["quantize", "--model", "no-such-model", "--no-default-text"])
     assert rc == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_generate_through_the_backend(tiny_hf_dir, capsys):
+    directory, _, _ = tiny_hf_dir
+    rc = main(["generate", "--model", str(directory), "--prompt", "the quick", "--max-new-tokens", "4",
+               "--init", "maxabs", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["new_tokens"] == 4 or out["decode_steps"] < 3  # may stop early at eos
+    assert out["backend_stats"]["linears_rewritten"] == 28  # prefill + decode graphs, 14 each
+
+
+def test_bench_compares_with_the_baseline(tiny_hf_dir, capsys):
+    directory, _, _ = tiny_hf_dir
+    rc = main(["bench", "--model", str(directory), "--prompt-len", "8", "--new-tokens", "4", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    for name in ("baseline", "dbllm"):
+        assert out[name]["decode_tokens_per_s"] > 0 and out[name]["prefill_tokens_per_s"] > 0
+    assert out["dbllm"]["backend_stats"]["linears_rewritten"] == 28

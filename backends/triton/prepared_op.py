@@ -64,4 +64,26 @@ def db_linear_gpu(
     return y.reshape(*x.shape[:-1], n)
 
 
+def _gpu_setup_context(ctx, inputs, output) -> None:
+    x, qweight, scales, bias, in_features, group_size = inputs
+    ctx.save_for_backward(qweight, scales)
+    ctx.in_features, ctx.group_size = in_features, group_size
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gpu_backward(ctx, grad_y):
+    """Frozen weights: ``dL/dx = dL/dy @ w`` (dense weight from the GPU layout) and ``dL/dbias``."""
+    qweight, scales = ctx.saved_tensors
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_gpu_layout(GpuWeights(qweight, scales, ctx.in_features, ctx.group_size))
+        grad_x = (grad_y @ w.to(grad_y.dtype)).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_b, None, None
+
+
+db_linear_gpu.register_autograd(_gpu_backward, setup_context=_gpu_setup_context)
+
 GPU_OP = torch.ops.dbllm.db_linear_gpu.default

@@ -6,6 +6,10 @@ parser's default) and ``run(args) -> int``:
 - ``quantize`` (:mod:`dbllm_compile.cli.quantize`): the main job — quantize, distil, convert,
   evaluate and save a model.
 - ``export`` (:mod:`dbllm_compile.cli.export`): a saved artifact to safetensors, hf, pt2, aoti or mlir.
+- ``generate`` (:mod:`dbllm_compile.cli.generate`): text through ``torch.compile(backend="dbllm")``
+  with a static KV cache.
+- ``bench`` (:mod:`dbllm_compile.cli.bench`): prefill/decode tokens/s and peak memory, 2-bit vs
+  the model dtype through plain ``torch.compile``, same run.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from dbllm_compile.cli import export, quantize
+from dbllm_compile.cli import bench, export, generate, quantize
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = (quantize, export)
+_SUBCOMMANDS = (quantize, export, generate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,9 @@ class DistillConfig:
         checkpoint_every: end-to-end steps between checkpoints.
         autocast: ``"auto"`` (the exported dtype, TF32 matmuls on CUDA), ``"bf16"`` (autocast;
             only for graphs without dtype assertions) or ``"none"``.
+        compile: run the end-to-end student forward/backward through
+            ``torch.compile(student, backend="dbllm")`` (training form through AOTAutograd and
+            Inductor; see docs/compile.md).
     """
 
     steps: int = 100
@@ -69,6 +72,7 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 25
     autocast: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "block_steps"):
@@ -349,6 +353,7 @@ def train_end_to_end(
         step0 = int(state["step"])
         losses = list(state["losses"])
     names = [*scales, *latents]
+    forward = torch.compile(student, backend="dbllm", fullgraph=True) if cfg.compile else student
     bar = tqdm(total=cfg.steps, initial=step0, desc="distill", disable=not progress, unit="step")
     t_last, tokens = time.perf_counter(), 0
     for step in range(step0, cfg.steps):
@@ -358,7 +363,7 @@ def train_end_to_end(
         with torch.no_grad(), _autocast(device, cfg.autocast):
             t_logits = _logits(teacher(ids))
         with _autocast(device, cfg.autocast):
-            s_logits = _logits(student(ids))
+            s_logits = _logits(forward(ids))
         loss = distill_loss(s_logits, t_logits, cfg.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()

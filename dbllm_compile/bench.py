@@ -1,0 +1,161 @@
+"""Measurements of the torch.compile backend, shared by ``dbllm-compile bench`` and
+``benchmarks/gpu_compile_bench.py``.
+
+Each function builds what it needs, measures, and returns a JSON-ready dict:
+
+- :func:`decode_speed`: generation through :class:`~dbllm_compile.generate.StaticCacheGenerator`,
+  2-bit through ``backend="dbllm"`` vs the same model through ``backend="inductor"``, same run.
+- :func:`distill_step_speed`: one end-to-end distillation step (student forward + loss +
+  backward + AdamW on scales and latent weights), eager vs ``torch.compile(backend="dbllm")``.
+- :func:`greedy_match`: greedy tokens through the backend (static cache, compiled steps) vs the
+  eager quantized model from ``quantize()`` + ``convert()`` (no cache, full recompute per token).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["llama_model", "decode_speed", "distill_step_speed", "greedy_match"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def llama_model(shape: str, device: str, dtype: torch.dtype, layers: int | None = None) -> torch.nn.Module:
+    """A random-weight Llama of a known shape: ``"llama2-7b"``, ``"smollm2-135m"`` or ``"tiny"``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = {
+        "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+        "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                             tie_word_embeddings=True),
+        "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
+    }
+    kw = dict(shapes[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, options: dict[str, Any],
+                 mode: str | None = "auto") -> dict[str, Any]:
+    """Prefill/decode tokens per second and peak memory: fp baseline vs 2-bit, same model, same run."""
+    from dbllm_compile.backends.dynamo import reset_stats, stats
+    from dbllm_compile.generate import StaticCacheGenerator
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": str(next(model.parameters()).dtype)}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for name, backend, opts in (("baseline", "inductor", None), ("dbllm", "dbllm", options)):
+        reset_stats()
+        gen = StaticCacheGenerator(model, max_cache_len=prompt_len + new_tokens + 8, backend=backend,
+                                   options=opts, mode=mode)
+        t0 = time.perf_counter()
+        gen.generate(ids, new_tokens)  # compiles prefill and decode
+        gen.generate(ids, new_tokens)  # CUDA graphs record on the first replays
+        compile_s = time.perf_counter() - t0
+        runs = [gen.generate(ids, new_tokens) for _ in range(3)]
+        best = max(runs, key=lambda r: r.decode_tokens_per_s)
+        out[name] = {**best.to_dict(), "compile_and_warmup_s": compile_s,
+                     "decode_tokens_per_s_all": [r.decode_tokens_per_s for r in runs],
+                     "tokens": best.tokens[0].tolist()[:16]}
+        if name == "dbllm":
+            out[name]["backend_stats"] = stats().to_dict()
+        del gen
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["fp_weight_bytes"] = weight_bytes
+    out["decode_speedup"] = out["dbllm"]["decode_tokens_per_s"] / out["baseline"]["decode_tokens_per_s"]
+    out["prefill_speedup"] = out["dbllm"]["prefill_tokens_per_s"] / out["baseline"]["prefill_tokens_per_s"]
+    return out
+
+
+def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, steps: int, init: str = "maxabs") -> dict[str, Any]:
+    """Seconds per distillation step, eager vs compiled; checks that the scales moved."""
+    import dbllm_compile as dc
+    from dbllm_compile.distill.losses import LossSpec, distill_loss
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+    with torch.no_grad():
+        t_logits = model(ids, use_cache=False).logits.detach()
+    out: dict[str, Any] = {"batch": batch, "seq_len": seq_len, "steps": steps}
+    variants = {"eager": None, "compiled": {"decompose_train": True}, "compiled_opaque_op": {"decompose_train": False}}
+    for name, options in variants.items():
+        student = dc.quantize(model, (ids,), dc.DBLLMConfig(init=init), example_kwargs={"use_cache": False},
+                              progress=False)
+        scales = list(student.scale_parameters())
+        latents = list(student.latent_parameters())
+        before = torch.cat([s.detach().flatten() for s in scales]).clone()
+        opt = torch.optim.AdamW([{"params": scales, "lr": 1e-3}, {"params": latents, "lr": 1e-4}], weight_decay=0.0)
+        forward = student if options is None else torch.compile(student, backend="dbllm", fullgraph=True, options=options)
+
+        def step() -> float:
+            loss = distill_loss(forward(ids).logits, t_logits, LossSpec())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        _sync(device)
+        t0 = time.perf_counter()
+        first_loss = step()
+        _sync(device)
+        first_s = time.perf_counter() - t0
+        step()
+        _sync(device)
+        t0 = time.perf_counter()
+        losses = [step() for _ in range(steps)]
+        _sync(device)
+        per_step = (time.perf_counter() - t0) / steps
+        after = torch.cat([s.detach().flatten() for s in scales])
+        out[name] = {"seconds_per_step": per_step, "first_step_s": first_s, "first_loss": first_loss,
+                     "last_loss": losses[-1], "scales_changed_fraction": float((after != before).float().mean())}
+        del student, opt, forward
+        torch._dynamo.reset()
+    out["speedup"] = out["eager"]["seconds_per_step"] / out["compiled"]["seconds_per_step"]
+    out["speedup_opaque_op"] = out["eager"]["seconds_per_step"] / out["compiled_opaque_op"]["seconds_per_step"]
+    return out
+
+
+def greedy_match(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_tokens: int, init: str = "mse",
+                 mode: str | None = "auto") -> dict[str, Any]:
+    """Greedy tokens: backend (static cache, compiled) vs the eager quantized model (quantize+convert)."""
+    import dbllm_compile as dc
+    from dbllm_compile.generate import StaticCacheGenerator
+
+    device = next(model.parameters()).device
+    ids = prompt_ids.to(device)
+    deployed = dc.convert(dc.quantize(model, (ids,), dc.DBLLMConfig(init=init), example_kwargs={"use_cache": False},
+                                      progress=False), progress=False)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = deployed(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    eager = seq[0, ids.shape[1]:].tolist()
+    del deployed
+    gen = StaticCacheGenerator(model, max_cache_len=ids.shape[1] + new_tokens + 8, backend="dbllm",
+                               options={"init": init}, mode=mode)
+    gen.generate(ids, new_tokens)
+    compiled = gen.generate(ids, new_tokens).tokens[0].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(eager, compiled)) if a != b), len(eager))
+    return {"init": init, "new_tokens": new_tokens, "eager_tokens": eager, "compiled_tokens": compiled,
+            "identical": eager == compiled, "first_difference_at": None if eager == compiled else same}

@@ -1,0 +1,241 @@
+"""The torch.compile backend "dbllm" (backends/dynamo): registration, both modes, training,
+generation, diagnostics. CPU: the dual-binary ops run the reference; Inductor compiles the rest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dbllm_compile as dc
+from dbllm_compile.backends.dynamo import CompileOptions, register, reset_stats, stats
+from dbllm_compile.errors import ConfigError, GraphPassError
+
+FAST = {"init": "maxabs", "inductor": False}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    reset_stats()
+    yield
+    torch._dynamo.reset()
+
+
+def _reference(model, ids, init="maxabs"):
+    """The eager quantized model: export path, quantize() + convert(), same initialisation."""
+    return dc.convert(dc.quantize(model, (ids,), dc.DBLLMConfig(init=init), example_kwargs={"use_cache": False},
+                                  progress=False), progress=False)
+
+
+def test_entry_point_resolves_backend_in_fresh_process():
+    code = (
+        "import sys, torch\n"
+        "fn = torch._dynamo.lookup_backend('dbllm')\n"
+        "assert fn.__name__ == 'dbllm_backend', fn\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))\n"
+        "c = torch.compile(m, backend='dbllm', options={'init': 'maxabs', 'inductor': False})\n"
+        "with torch.no_grad(): y = c(torch.randn(2, 64))\n"
+        "import dbllm_compile\n"  # importing the package afterwards must not register the name twice
+        "from dbllm_compile.backends.dynamo import register, stats\n"
+        "assert register() is False and stats().linears_rewritten == 1, stats().summary()\n"
+        "print('ok', tuple(y.shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok (2, 8)" in out.stdout
+
+
+def test_register_is_idempotent_after_import():
+    assert register() is False  # the entry point already names it
+    assert torch._dynamo.lookup_backend("dbllm").__name__ == "dbllm_backend"
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="'a4'.*not implemented"):
+        CompileOptions.from_options({"activations": "a4"})
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['grup_size'\]"):
+        CompileOptions.from_options({"grup_size": 64})
+    with pytest.raises(ConfigError, match="group_size"):
+        CompileOptions.from_options({"group_size": 60})
+    assert CompileOptions.from_options({"exclude": "*.mlp.*"}).exclude == ("*.mlp.*",)
+
+
+def test_tiny_gpt2_fullgraph_inductor_matches_reference(tiny_gpt2):
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = _reference(tiny_gpt2, ids)
+    compiled = torch.compile(tiny_gpt2, backend="dbllm", fullgraph=True, options={"init": "maxabs"})
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+        expected = ref(ids).logits
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)  # fp32, Inductor reorders sums
+    s = stats()
+    # Every Conv1D (c_attn, c_proj, c_fc, mlp.c_proj per block) rewritten; only the head kept.
+    # Dynamo passes tied weights once, named by their first owner (the embedding).
+    assert s.linears_rewritten == 8 == len(ref.report.rewritten)
+    assert [name for name, _, _ in s.skipped] == ["transformer.wte"]
+    assert s.ops_lowered == {"db_linear": 8} and s.num_graph_breaks == 0
+
+
+def test_plain_model_counts_every_linear_and_keeps_head(tiny_llama):
+    ids = torch.randint(0, 128, (2, 8))
+    compiled = torch.compile(tiny_llama, backend="dbllm", fullgraph=True, options=FAST)
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+        expected = _reference(tiny_llama, ids)(ids).logits
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in tiny_llama.modules())
+    s = stats()
+    assert s.linears_rewritten == n_linear - 1 == 14
+    assert s.skipped == [("lm_head", "linear_14", "output head kept in full precision (keep_head=True)")] or \
+        [r for _, _, r in s.skipped] == ["output head kept in full precision (keep_head=True)"]
+    assert "rewrote 14 linear(s)" in s.summary()
+
+
+def test_include_exclude_and_weight_cache(tiny_llama):
+    ids = torch.randint(0, 128, (2, 8))
+    opts = {**FAST, "exclude": ["*.mlp.*"]}
+    compiled = torch.compile(tiny_llama, backend="dbllm", options=opts)
+    with torch.no_grad():
+        compiled(ids, use_cache=False)
+        compiled(torch.randint(0, 128, (3, 5)), use_cache=False)  # new shape: recompile, cached weights
+    s = stats()
+    assert s.graphs[0].rewritten and all(".mlp." not in n for n in s.graphs[0].rewritten)
+    assert len(s.graphs[0].rewritten) == 8
+    assert s.recompiles >= 1 and s.graphs[-1].weight_cache_hits == len(s.graphs[-1].rewritten)
+
+
+def test_deployed_model_is_lowered_as_it_is(tiny_llama):
+    ids = torch.randint(0, 128, (2, 8))
+    deployed = _reference(tiny_llama, ids)
+    compiled = torch.compile(deployed, backend="dbllm", fullgraph=True, options={"inductor": False})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, deployed(ids).logits, rtol=0, atol=0)
+    s = stats()
+    assert s.graphs[0].mode == "lower" and s.linears_rewritten == 0 and s.ops_lowered == {"db_linear": 14}
+
+
+def test_compiled_distillation_step_updates_scales_like_eager(tiny_llama):
+    ids = torch.randint(0, 128, (2, 16))
+    student = dc.quantize(tiny_llama, (ids,), dc.DBLLMConfig(init="maxabs"), example_kwargs={"use_cache": False},
+                          progress=False)
+    scales = list(student.scale_parameters())
+    before = [s.detach().clone() for s in scales]
+    eager_loss = student(ids).logits.square().mean()
+    eager_grads = torch.autograd.grad(eager_loss, scales)
+    compiled = torch.compile(student, backend="dbllm", fullgraph=True, options={"decompose_train": True})
+    loss = compiled(ids).logits.square().mean()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-7)
+    opt = torch.optim.SGD(scales, lr=1.0)
+    loss.backward()
+    for s, g in zip(scales, eager_grads):
+        torch.testing.assert_close(s.grad, g, rtol=1e-4, atol=1e-7)
+    opt.step()
+    assert all(not torch.equal(s, b) for s, b in zip(scales, before))
+    s = stats()
+    assert s.graphs[0].training and s.ops_lowered == {"db_linear_train:decomposed": 14}
+
+
+def test_distill_config_compile_trains(tiny_llama):
+    from dbllm_compile.distill import DistillConfig
+    from dbllm_compile.distill.train import train_end_to_end
+
+    data = torch.randint(0, 128, (4, 16))
+    student = dc.quantize(tiny_llama, (data[:2],), dc.DBLLMConfig(init="maxabs"),
+                          example_kwargs={"use_cache": False}, progress=False)
+    before = torch.cat([s.detach().flatten() for s in student.scale_parameters()]).clone()
+    losses = train_end_to_end(student, lambda x: tiny_llama(x, use_cache=False), data,
+                              DistillConfig(steps=2, batch_size=2, compile=True), progress=False)
+    after = torch.cat([s.detach().flatten() for s in student.scale_parameters()])
+    assert len(losses) == 2 and not torch.equal(before, after)
+    assert stats().graphs and stats().graphs[0].training
+
+
+def test_gradients_flow_through_frozen_two_bit_linears(tiny_llama):
+    compiled = torch.compile(tiny_llama, backend="dbllm", options=FAST)
+    compiled(torch.randint(0, 128, (2, 8)), use_cache=False).logits.sum().backward()
+    assert tiny_llama.model.embed_tokens.weight.grad.abs().sum() > 0
+    assert tiny_llama.model.layers[0].self_attn.q_proj.weight.grad is None  # replaced: frozen 2-bit copy
+
+
+class _ComputedWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 64))
+
+    def forward(self, x):
+        return x @ (self.w * 2).t()
+
+
+def test_strict_names_the_node_of_an_unsupported_linear():
+    m = _ComputedWeight()
+    with torch.no_grad():
+        torch.compile(m, backend="dbllm", options=FAST)(torch.randn(2, 64))
+    (name, node, reason), = stats().skipped
+    assert "computed" in reason
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"strict=True.*at node '.*'.*Exclude it"):
+        with torch.no_grad():
+            torch.compile(m, backend="dbllm", options={**FAST, "strict": True})(torch.randn(2, 64))
+
+
+def test_artifact_option_is_a_documented_hook(monkeypatch, mlp):
+    from dbllm_compile import artifact
+    from dbllm_compile.reference import pack_planes
+
+    if not hasattr(artifact, "load_layers"):
+        with pytest.raises(Exception, match="needs artifact loading"):
+            with torch.no_grad():
+                torch.compile(mlp, backend="dbllm", options={**FAST, "artifact": "/nowhere"})(torch.randn(2, 64))
+        torch._dynamo.reset()
+    bits = torch.randint(0, 2, (2, 128, 64), dtype=torch.uint8)
+    layer = (pack_planes(bits[0], bits[1]), torch.full((128, 1), 0.5).half(), torch.full((128, 1), -0.25).half(), 64)
+    monkeypatch.setattr(artifact, "load_layers", lambda path: {"0.weight": layer}, raising=False)
+    x = torch.randn(2, 64)
+    first = torch.nn.Sequential(mlp[0])  # its weight is named "0.weight"
+    with torch.no_grad():
+        y = torch.compile(first, backend="dbllm", options={**FAST, "artifact": "/a", "keep_head": False})(x)
+    expected = torch.ops.dbllm.db_linear(x, layer[0], layer[1], layer[2], mlp[0].bias, 64, 64)
+    torch.testing.assert_close(y, expected)
+
+
+def test_static_cache_generation_matches_eager_quantized_model(tiny_llama):
+    from dbllm_compile.bench import greedy_match
+
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    result = greedy_match(tiny_llama, prompt, new_tokens=8, init="maxabs")
+    assert result["identical"], result
+    s = stats()
+    assert s.num_graph_breaks == 0
+    # prefill + decode graphs; k/v projections feed the cache, they are not heads
+    assert [len(g.rewritten) for g in s.graphs] == [14, 14]
+
+
+def test_source_names_become_module_paths():
+    from dbllm_compile.passes.dynamo_graph import source_to_path
+
+    assert source_to_path("L['self']._modules['h']._modules['0']._parameters['weight']") == "h.0.weight"
+    assert source_to_path("L['model']._modules['lm_head']._parameters['weight']") == "lm_head.weight"
+    assert source_to_path("G['w']") is None
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_fullgraph_matches_reference():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dbllm_compile.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = tok("Two bits per weight are enough for", return_tensors="pt").input_ids
+    ref = _reference(model, ids)
+    compiled = torch.compile(model, backend="dbllm", fullgraph=True, options={"init": "maxabs"})
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+        expected = ref(ids).logits
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    s = stats()
+    assert s.linears_rewritten == 210 == len(ref.report.rewritten)
+    assert len(s.skipped) == 1 and s.num_graph_breaks == 0  # the head, tied to the embedding
