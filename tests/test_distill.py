@@ -104,7 +104,7 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch, kill_a
         q = _student(model, data)
         if kill:
             calls = {"n": 0}
-            target = "_token_rel_mse" if kill_at == "blocks" else "distill_loss"
+            target = "_rel_mse" if kill_at == "blocks" else "distill_loss"
             real = getattr(train_mod, target)
             limit = 8 + 4 if kill_at == "blocks" else 5  # mid-way through block 1 / at e2e step 5
 

@@ -105,7 +105,8 @@ def distill(
     if out and plots:
         from dbllm_compile.distill.plots import plot_run
 
-        plot_run(metrics.records if metrics.records else _read_jsonl(out / "metrics.jsonl"), result, out)
+        # the file, not this process's records: a resumed run's plots cover the whole run
+        plot_run(_read_jsonl(out / "metrics.jsonl") or metrics.records, result, out)
     return result
 
 
