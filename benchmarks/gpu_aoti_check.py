@@ -49,6 +49,16 @@ torch.cuda.synchronize()
 print("ran: output", tuple(out[0].shape), float(out[0].float().abs().sum()))
 """
 
+def _with_run(body: str) -> str:
+    """A load step followed by the common run of the plain package (both dedented first)."""
+    return textwrap.dedent(body) + textwrap.dedent(PLAIN_RUN)
+
+
+def step_code(name: str, out: Path) -> str:
+    """The Python source of step ``name``, as run in its subprocess."""
+    return f"OUT = {str(out)!r}\n" + textwrap.dedent(STEPS[name])
+
+
 STEPS: dict[str, str] = {
     "env": """
         import torch, platform, subprocess
@@ -75,14 +85,14 @@ STEPS: dict[str, str] = {
             path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{OUT}/plain_{device}.pt2")
             print("compiled", path)
     """,
-    "load_default": """
+    "load_default": _with_run("""
         import torch
         runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
-    """ + PLAIN_RUN,
-    "load_single_threaded": """
+    """),
+    "load_single_threaded": _with_run("""
         import torch
         runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2", run_single_threaded=True)
-    """ + PLAIN_RUN,
+    """),
     "load_loader_direct": """
         import torch
         loader = torch._C._aoti.AOTIModelPackageLoader(f"{OUT}/plain_cuda.pt2", "model", False, 1, 0)
@@ -91,22 +101,22 @@ STEPS: dict[str, str] = {
         out = loader.run([x]); torch.cuda.synchronize()
         print("ran: output", tuple(out[0].shape))
     """,
-    "load_after_cuda_init": """
+    "load_after_cuda_init": _with_run("""
         import torch
         torch.cuda.init(); torch.zeros(1, device="cuda"); torch.cuda.synchronize()
         runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
-    """ + PLAIN_RUN,
-    "load_after_triton_import": """
+    """),
+    "load_after_triton_import": _with_run("""
         import torch, triton
         runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
-    """ + PLAIN_RUN,
-    "compile_and_load_same_process": """
+    """),
+    "compile_and_load_same_process": _with_run("""
         import torch
         m = torch.nn.Linear(64, 64).cuda().half().eval()
         ep = torch.export.export(m, (torch.randn(4, 64, device="cuda", dtype=torch.float16),))
         path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{OUT}/plain_same.pt2")
         runner = torch._inductor.aoti_load_package(path)
-    """ + PLAIN_RUN,
+    """),
     "load_cpu_package": """
         import torch
         runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cpu.pt2")
@@ -159,7 +169,7 @@ LOAD_VARIANTS = ("load_default", "load_single_threaded", "load_loader_direct", "
 
 def run_step(name: str, out: Path, timeout: int) -> dict:
     """Run STEPS[name] in a fresh ``python -X faulthandler`` process; never raises."""
-    code = f"OUT = {str(out)!r}\n" + textwrap.dedent(STEPS[name])
+    code = step_code(name, out)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
@@ -179,7 +189,7 @@ def gdb_backtrace(out: Path) -> dict:
     gdb = shutil.which("gdb")
     if gdb is None:
         return {"rc": "skipped", "reason": "gdb not installed"}
-    code = f"OUT = {str(out)!r}\n" + textwrap.dedent(STEPS["load_default"])
+    code = step_code("load_default", out)
     proc = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "-ex", "info sharedlibrary", "--args",
                            sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     (out / "gdb_backtrace.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
