@@ -183,24 +183,25 @@ def test_strict_names_the_node_of_an_unsupported_linear():
             torch.compile(m, backend="dbllm", options={**FAST, "strict": True})(torch.randn(2, 64))
 
 
-def test_artifact_option_is_a_documented_hook(monkeypatch, mlp):
-    from dbllm_compile import artifact
-    from dbllm_compile.reference import pack_planes
+def test_artifact_option_uses_the_trained_layers_of_a_saved_artifact(tmp_path, mlp):
+    import dbllm_compile as dc
+    from dbllm_compile.artifact import save_deployed
 
-    if not hasattr(artifact, "load_layers"):
-        with pytest.raises(Exception, match="needs artifact loading"):
-            with torch.no_grad():
-                torch.compile(mlp, backend="dbllm", options={**FAST, "artifact": "/nowhere"})(torch.randn(2, 64))
-        torch._dynamo.reset()
-    bits = torch.randint(0, 2, (2, 128, 64), dtype=torch.uint8)
-    layer = (pack_planes(bits[0], bits[1]), torch.full((128, 1), 0.5).half(), torch.full((128, 1), -0.25).half(), 64)
-    monkeypatch.setattr(artifact, "load_layers", lambda path: {"0.weight": layer}, raising=False)
-    x = torch.randn(2, 64)
-    first = torch.nn.Sequential(mlp[0])  # its weight is named "0.weight"
+    x = torch.randn(3, 64)
+    qmodel = dc.quantize(mlp, (x,), dc.DBLLMConfig(keep_head=False, init="maxabs"), progress=False)
+    with torch.no_grad():  # "train" it: the artifact's scales must differ from an on-the-fly init
+        for p in qmodel.scale_parameters():
+            p.mul_(1.1)
+    deployed = dc.convert(qmodel, progress=False)
+    save_deployed(deployed, tmp_path / "art")
     with torch.no_grad():
-        y = torch.compile(first, backend="dbllm", options={**FAST, "artifact": "/a", "keep_head": False})(x)
-    expected = torch.ops.dbllm.db_linear(x, layer[0], layer[1], layer[2], mlp[0].bias, 64, 64)
-    torch.testing.assert_close(y, expected)
+        y = torch.compile(mlp, backend="dbllm", options={**FAST, "artifact": str(tmp_path / "art"),
+                                                         "keep_head": False})(x)
+        on_the_fly = torch.compile(mlp, backend="dbllm", options={**FAST, "keep_head": False})
+        torch._dynamo.reset()
+        y_fly = on_the_fly(x)
+    torch.testing.assert_close(y, deployed(x))
+    assert not torch.allclose(y, y_fly)
 
 
 def test_static_cache_generation_matches_eager_quantized_model(tiny_llama):

@@ -19,6 +19,7 @@ Example::
 from dbllm_compile.artifact.checkpoint import (
     ArtifactInfo,
     artifact_info,
+    load_layers,
     read_checkpoint,
     save_deployed,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ArtifactInfo",
     "artifact_info",
     "load_deployed",
+    "load_layers",
     "read_checkpoint",
     "save_deployed",
 ]

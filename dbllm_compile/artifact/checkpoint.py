@@ -28,7 +28,8 @@ from dbllm_compile.artifact.format import (
 from dbllm_compile.errors import ArtifactError
 from dbllm_compile.passes.linear_match import get_attr_value
 
-__all__ = ["ARTIFACT_VERSION", "ArtifactInfo", "graph_tensors", "deploy_layer_tensors", "save_deployed", "read_checkpoint", "artifact_info"]
+__all__ = ["ARTIFACT_VERSION", "ArtifactInfo", "graph_tensors", "deploy_layer_tensors", "save_deployed", "read_checkpoint",
+           "artifact_info", "load_layers"]
 
 
 @dataclass(frozen=True)
@@ -243,3 +244,32 @@ def artifact_info(directory: str | os.PathLike) -> ArtifactInfo:
         bits_per_weight=float(size.get("bits_per_weight", float("nan"))),
         layers=len(manifest["layers"]),
     )
+
+
+def load_layers(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """The trained dual-binary layers of an artifact: ``{weight name: (packed, a1, a2, group_size)}``.
+
+    Weight names are those of the source model's weight parameters
+    (``model.layers.0.self_attn.q_proj.weight``); ``packed`` is ``uint8 [2, N, K_pad/8]`` in the
+    reference layout and ``a1``/``a2`` the stored scales ``[N, ceil(K/G)]``. This is what
+    ``torch.compile(model, backend="dbllm", options={"artifact": path})`` uses instead of
+    quantizing on the fly. Read with :func:`read_checkpoint` (checksums verified, no pickle).
+
+    Raises:
+        ArtifactError: naming the file and the problem.
+    """
+    manifest, tensors = read_checkpoint(directory)
+    aliases = manifest.get("aliases", {})
+    group_size = int(manifest["config"]["group_size"])
+
+    def tensor(name: str) -> torch.Tensor:
+        stored = aliases.get(name, name)
+        if stored not in tensors:
+            raise ArtifactError(f"{Path(directory) / MANIFEST_FILE}: layer tensor {name!r} is not in {WEIGHTS_FILE}; "
+                                "the artifact is incomplete: save it again")
+        return tensors[stored]
+
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+    for layer in manifest["layers"]:
+        out[layer["weight"]] = (tensor(layer["packed"]), tensor(layer["a1"]), tensor(layer["a2"]), group_size)
+    return out
