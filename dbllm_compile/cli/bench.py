@@ -16,7 +16,7 @@ import argparse
 import json
 from typing import Any
 
-from dbllm_compile.cli.generate import add_model_arguments, backend_options, resolve_device_dtype
+from dbllm_compile.cli.generate import add_model_arguments, backend_options, load_for
 
 __all__ = ["add_parser", "run"]
 
@@ -37,19 +37,11 @@ def _fmt_mem(b: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from dbllm_compile.models import load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from dbllm_compile.bench import decode_speed
 
-    device, dtype = resolve_device_dtype(args)
-    model, _ = load_model(args.model, dtype=dtype, device=device)
+    model, _ = load_for(args)
+    p0 = next(model.parameters())
+    device, dtype = p0.device, p0.dtype
     result = decode_speed(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                           options=backend_options(args), mode=None if args.mode == "default" else args.mode)
     result.update(device=str(device), model=args.model)

@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-__all__ = ["add_parser", "run", "add_model_arguments", "resolve_device_dtype"]
+__all__ = ["add_parser", "run", "add_model_arguments", "resolve_device_dtype", "load_for", "backend_options"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,21 @@ def resolve_device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     return device, dtype
 
 
+def load_for(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Offline mode, CPU threads, device and dtype from ``args``; returns ``load_model(args.model)``."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from dbllm_compile.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = resolve_device_dtype(args)
+    return load_model(args.model, dtype=dtype, device=device)
+
+
 def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"init": args.init, "group_size": args.group_size, "exclude": list(args.exclude)}
 
@@ -64,19 +79,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from dbllm_compile.backends.dynamo import stats
     from dbllm_compile.generate import StaticCacheGenerator
-    from dbllm_compile.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = resolve_device_dtype(args)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_for(args)
+    p0 = next(model.parameters())
+    device, dtype = p0.device, p0.dtype
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     backend = None if args.backend == "eager" else args.backend
     gen = StaticCacheGenerator(
