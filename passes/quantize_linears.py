@@ -142,6 +142,17 @@ def erase_if_dead(gm: fx.GraphModule, node: object) -> None:
         erase_if_dead(gm, inp)
 
 
+def replace_node(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> None:
+    """Put ``new`` in ``node``'s place: copy its meta, move its users, erase it and the inputs it
+    leaves dead (the one way every rewrite pass swaps a linear for a dual-binary op)."""
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    inputs = list(node.all_input_nodes)
+    gm.graph.erase_node(node)
+    for inp in inputs:
+        erase_if_dead(gm, inp)
+
+
 def _consumers(node: fx.Node, transposes: set) -> list[fx.Node]:
     """Readers of a weight, looking through one transpose."""
     out = []

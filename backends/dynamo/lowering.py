@@ -32,7 +32,7 @@ from dbllm_compile.errors import GraphPassError
 from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
 from dbllm_compile.passes.dynamo_graph import normalize_dynamo_graph, restore_parameter_inputs
 from dbllm_compile.passes.linear_match import get_attr_value
-from dbllm_compile.passes.quantize_linears import erase_if_dead, select_linears
+from dbllm_compile.passes.quantize_linears import replace_node, select_linears
 from dbllm_compile.reference.dual_binary import assign_bits, dequantize_bits
 
 from .diagnostics import GraphRecord
@@ -139,12 +139,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
                 with gm.graph.inserting_before(node):
                     args = [gm.graph.get_attr(n) for n in names]
                     new = gm.graph.call_function(op, (s.x, *args, s.bias, s.in_features, G))
-                new.meta.update(node.meta)
-                node.replace_all_uses_with(new)
-                old_inputs = list(node.all_input_nodes)
-                gm.graph.erase_node(node)
-                for inp in old_inputs:
-                    erase_if_dead(gm, inp)
+                replace_node(gm, node, new)
             record.rewritten.append(site.name)
     finally:
         restore_parameter_inputs(gm, frozen)

@@ -81,7 +81,7 @@ def use_gpu_kernels(gm: fx.GraphModule, activation_dtype: torch.dtype) -> int:
     from dbllm_compile.backends.triton import to_gpu_layout
     from dbllm_compile.backends.triton.prepared_op import GPU_OP
     from dbllm_compile.passes.linear_match import get_attr_value
-    from dbllm_compile.passes.quantize_linears import _set_attr, erase_if_dead
+    from dbllm_compile.passes.quantize_linears import _set_attr, replace_node
 
     count = 0
     done: dict[str, tuple[str, str]] = {}
@@ -100,12 +100,7 @@ def use_gpu_kernels(gm: fx.GraphModule, activation_dtype: torch.dtype) -> int:
         with gm.graph.inserting_before(node):
             qw, sc = (gm.graph.get_attr(t) for t in done[base])
             new = gm.graph.call_function(GPU_OP, (x, qw, sc, bias, in_features, group_size))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        inputs = list(node.all_input_nodes)
-        gm.graph.erase_node(node)
-        for inp in inputs:
-            erase_if_dead(gm, inp)
+        replace_node(gm, node, new)
         count += 1
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in replaced - still_read:
