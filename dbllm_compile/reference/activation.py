@@ -108,9 +108,9 @@ def quantize_activation_int(x: torch.Tensor, clip_ratio: torch.Tensor) -> tuple[
         clip_ratio: ``r`` in ``(0, 1]``, a float32 tensor with one element (not the logit).
 
     Example:
-        >>> q, s = quantize_activation_int(torch.tensor([[1.0, -0.5, 0.0]]), torch.tensor(1.0))
-        >>> q.tolist(), s.flatten().tolist() == [1 / 7]
-        ([[7, -4, 0]], True)
+        >>> q, s = quantize_activation_int(torch.tensor([[7.0, -3.5, 2.5, 0.0]]), torch.tensor(1.0))
+        >>> q.tolist(), s.flatten().tolist()  # -3.5 -> -4 and 2.5 -> 2: half to even
+        ([[7, -4, 2, 0]], [1.0])
     """
     s = _scale(_token_max(x), clip_ratio.reshape(()))
     q = torch.clamp(torch.round(x.float() / s), -ACT_QMAX, ACT_QMAX)
