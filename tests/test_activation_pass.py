@@ -113,3 +113,20 @@ def test_config_activation_bits_validated_and_old_dicts_load():
     del old["activation_bits"]
     assert DBLLMConfig.from_dict(old).activation_bits == 16
     assert DBLLMConfig.from_dict(A4.to_dict()) == A4
+
+
+def test_saved_artifact_keeps_trained_clip_ratios(tiny_llama, tmp_path):
+    from dbllm_compile.artifact import load_deployed, save_deployed
+    from dbllm_compile.errors import ArtifactError
+    from dbllm_compile.artifact.hf import to_hf
+
+    q = _llama(tiny_llama)
+    for p in q.activation_parameters():
+        p.data.fill_(0.3)  # not the default init: the loaded ratios must come from the artifact
+    d = dc.convert(q, progress=False)
+    loaded = load_deployed(save_deployed(d, tmp_path / "art"))
+    ids = _ids(3, 11, seed=7)
+    assert len(_nodes(loaded, ACT_QUANT_OP)) == 8
+    assert torch.equal(d(ids, use_cache=False).logits, loaded(ids, use_cache=False).logits)
+    with pytest.raises(ArtifactError, match="activation_bits=16"):
+        to_hf(d)
