@@ -130,3 +130,17 @@ def test_saved_artifact_keeps_trained_clip_ratios(tiny_llama, tmp_path):
     assert torch.equal(d(ids, use_cache=False).logits, loaded(ids, use_cache=False).logits)
     with pytest.raises(ArtifactError, match="activation_bits=16"):
         to_hf(d)
+
+
+def test_gpt2_addmm_reads_quantized_activation_through_its_view(tiny_gpt2):
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    q = dc.quantize(tiny_gpt2, (ids,), example_kwargs={"use_cache": False}, config=A4, progress=False)
+    linears = _nodes(q, TRAIN_OP)
+    assert len(linears) == 8 and len(q.report.activation_quantizers) == 8  # fused c_attn: no siblings
+    assert all(_through_views(n.args[0]).target == ACT_QUANT_TRAIN_OP for n in linears)
+    # addmm reads a 2-D view of the [B, T, C] activation: the view chain was copied after the quantizer
+    assert sum(n.args[0].target != ACT_QUANT_TRAIN_OP for n in linears) >= 4
+    with torch.no_grad():
+        before = q(ids, use_cache=False).logits
+        after = dc.convert(q, progress=False)(ids, use_cache=False).logits
+    assert torch.isfinite(before).all() and torch.equal(before, after)
