@@ -12,7 +12,7 @@ from torch import fx
 
 from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.errors import DBLLMError
-from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
+from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, DEPLOY_OP, TRAIN_OP
 from dbllm_compile.passes.export import export_model
 from dbllm_compile.passes.pack_linears import PackedLayer, pack_linears
 from dbllm_compile.passes.quantize_linears import PassReport, quantize_linears
@@ -138,6 +138,14 @@ class DBLLMModel(torch.nn.Module):
             if target not in seen:
                 seen.add(target)
                 yield self._attr(target)
+
+    def activation_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The clip logits of the 4-bit activation quantizers (train stage, ``activation_bits=4``;
+        one per quantized activation, shared by sibling linears)."""
+        self._require_stage("train", "activation_parameters")
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_function" and node.target == ACT_QUANT_TRAIN_OP:
+                yield self._attr(node.args[1].target)
 
     def _require_stage(self, stage: str, what: str) -> None:
         if self.stage != stage:

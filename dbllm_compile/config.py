@@ -16,9 +16,13 @@ import torch
 
 from dbllm_compile.errors import ConfigError
 
-__all__ = ["DBLLMConfig", "CONFIG_VERSION", "SCALE_DTYPES"]
+__all__ = ["DBLLMConfig", "ACTIVATION_BITS", "CONFIG_VERSION", "SCALE_DTYPES"]
 
 CONFIG_VERSION = 1
+# Fields added later with defaults that reproduce the earlier behaviour (activation_bits) keep
+# the version: a version-1 dict without them still loads and means the same thing.
+
+ACTIVATION_BITS = (16, 4)
 
 SCALE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -56,6 +60,10 @@ class DBLLMConfig:
             rounds its scales to it in the forward pass (straight-through), so training and
             deployment compute the same function.
         dynamic: export with dynamic batch and sequence dimensions where the model allows.
+        activation_bits: ``16`` keeps the inputs of the quantized linears in full precision;
+            ``4`` quantizes them dynamically per token to 4 bits with a learnable clipping
+            ratio (:mod:`dbllm_compile.reference.activation`). Linears that read the same
+            tensor (q/k/v, gate/up) share one quantized activation and one clip factor.
         version: format version of this config; only :data:`CONFIG_VERSION` is accepted.
 
     Example:
@@ -73,6 +81,7 @@ class DBLLMConfig:
     init_refine_iters: int = 0
     scale_dtype: str = "float16"
     dynamic: bool = True
+    activation_bits: int = 16
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -113,6 +122,11 @@ class DBLLMConfig:
             raise ConfigError(
                 f"DBLLMConfig.scale_dtype must be one of {sorted(SCALE_DTYPES)}, "
                 f"got {self.scale_dtype!r}"
+            )
+        if self.activation_bits not in ACTIVATION_BITS or isinstance(self.activation_bits, bool):
+            raise ConfigError(
+                f"DBLLMConfig.activation_bits must be one of {list(ACTIVATION_BITS)}, got "
+                f"{self.activation_bits!r}; use 16 for full-precision activations or 4 for W(1+1)A4"
             )
         if self.version != CONFIG_VERSION:
             raise ConfigError(

@@ -17,6 +17,20 @@
     frozen: the backward gives ``dL/dx = dL/dy @ w_hat`` and ``dL/dbias`` only (gradients through
     a frozen 2-bit model, e.g. a model compiled with ``backend="dbllm"`` outside ``no_grad``).
 
+``torch.ops.dbllm.act_quant_train(x, clip_logit)`` / ``torch.ops.dbllm.act_quant(x, clip_ratio)``
+    Dynamic per-token 4-bit activation quantization (fake quant: the output has the shape and
+    dtype of ``x``), defined in :mod:`dbllm_compile.reference.activation`. The training form
+    takes the learnable logit ``theta`` (``r = sigmoid(theta)``) and has the straight-through /
+    LSQ gradients of :func:`~dbllm_compile.reference.activation.fake_quantize_activation_backward`;
+    the deploy form takes the stored ratio ``r`` and is frozen (``dL/dx`` straight through only).
+
+    Why separate ops instead of an activation-mode argument on the linears: linears that read the
+    same tensor (q/k/v, gate/up) must share *one* quantized activation and *one* clip factor. A
+    separate node placed once before the siblings expresses exactly that in the graph (the pass
+    inserts one node per shared input; a kernel backend may later fuse it into the matmuls), and
+    the existing ``db_linear``/``db_linear_train`` schemas, saved graphs and kernels are left
+    untouched.
+
 The default (CPU) implementations are the pure-PyTorch references in
 :mod:`dbllm_compile.reference.linear`. Device kernels plug in per device key with
 ``db_linear.register_kernel("cuda")`` (see :mod:`dbllm_compile.backends`); the schemas, fake
@@ -29,6 +43,12 @@ from typing import Any
 
 import torch
 
+from dbllm_compile.reference.activation import (
+    clip_ratio_from_logit,
+    fake_quantize_activation,
+    fake_quantize_activation_backward,
+    straight_through_mask,
+)
 from dbllm_compile.reference.dual_binary import num_groups
 from dbllm_compile.reference.linear import (
     db_linear_packed_reference,
@@ -36,7 +56,16 @@ from dbllm_compile.reference.linear import (
     train_weight_reference,
 )
 
-__all__ = ["db_linear", "db_linear_train", "TRAIN_OP", "DEPLOY_OP"]
+__all__ = [
+    "act_quant",
+    "act_quant_train",
+    "db_linear",
+    "db_linear_train",
+    "ACT_QUANT_OP",
+    "ACT_QUANT_TRAIN_OP",
+    "DEPLOY_OP",
+    "TRAIN_OP",
+]
 
 
 def _check_train_args(x, weight, a1, a2, bias, group_size) -> None:
@@ -170,5 +199,76 @@ def _deploy_backward(ctx: Any, grad_y: torch.Tensor):
 db_linear.register_autograd(_deploy_backward, setup_context=_deploy_setup_context)
 
 
+def _check_act_args(op: str, x: torch.Tensor, clip: torch.Tensor) -> None:
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have a feature dimension, got a 0-d tensor")
+    torch._check(x.dtype.is_floating_point, lambda: f"{op}: x must be a float tensor, got {x.dtype}")
+    torch._check(
+        clip.numel() == 1,
+        lambda: f"{op}: the clip parameter must have one element (one factor per quantized "
+        f"activation), got shape {tuple(clip.shape)}",
+    )
+
+
+@torch.library.custom_op("dbllm::act_quant_train", mutates_args=())
+def act_quant_train(x: torch.Tensor, clip_logit: torch.Tensor) -> torch.Tensor:
+    """Training form of the 4-bit activation quantizer: ``[..., K] -> [..., K]`` (module docstring)."""
+    _check_act_args("act_quant_train", x, clip_logit)
+    return fake_quantize_activation(x, clip_ratio_from_logit(clip_logit))
+
+
+@act_quant_train.register_fake
+def _act_quant_train_fake(x, clip_logit):
+    _check_act_args("act_quant_train", x, clip_logit)
+    return torch.empty_like(x)
+
+
+def _act_train_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, clip_logit = inputs
+    ctx.save_for_backward(x, clip_logit)
+
+
+def _act_train_backward(ctx: Any, grad_y: torch.Tensor):
+    x, clip_logit = ctx.saved_tensors
+    grad_x, grad_clip = fake_quantize_activation_backward(grad_y, x, clip_logit)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_clip if ctx.needs_input_grad[1] else None)
+
+
+act_quant_train.register_autograd(_act_train_backward, setup_context=_act_train_setup_context)
+
+
+@torch.library.custom_op("dbllm::act_quant", mutates_args=())
+def act_quant(x: torch.Tensor, clip_ratio: torch.Tensor) -> torch.Tensor:
+    """Deploy form of the 4-bit activation quantizer with a stored ratio ``r`` in ``(0, 1]``."""
+    _check_act_args("act_quant", x, clip_ratio)
+    return fake_quantize_activation(x, clip_ratio)
+
+
+@act_quant.register_fake
+def _act_quant_fake(x, clip_ratio):
+    _check_act_args("act_quant", x, clip_ratio)
+    return torch.empty_like(x)
+
+
+def _act_deploy_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, clip_ratio = inputs
+    ctx.save_for_backward(x, clip_ratio)
+
+
+def _act_deploy_backward(ctx: Any, grad_y: torch.Tensor):
+    x, clip_ratio = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        # Same straight-through rule as training (clipped elements get no gradient); r is frozen.
+        inside = straight_through_mask(x, clip_ratio)
+        grad_x = torch.where(inside, grad_y, torch.zeros_like(grad_y)).to(x.dtype)
+    return grad_x, None
+
+
+act_quant.register_autograd(_act_deploy_backward, setup_context=_act_deploy_setup_context)
+
+
 TRAIN_OP = torch.ops.dbllm.db_linear_train.default
 DEPLOY_OP = torch.ops.dbllm.db_linear.default
+ACT_QUANT_TRAIN_OP = torch.ops.dbllm.act_quant_train.default
+ACT_QUANT_OP = torch.ops.dbllm.act_quant.default

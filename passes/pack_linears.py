@@ -6,6 +6,10 @@ does and packed (:mod:`dbllm_compile.reference.packing`), and the node becomes
 ``dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size)``. Latent weights and
 float32 scales are removed afterwards, so the deployed module holds 2 bits per weight plus the
 scales. The training and deploy forms then compute bit-identical outputs.
+
+Each ``dbllm.act_quant_train(x, clip_logit)`` node (``activation_bits=4``) becomes
+``dbllm.act_quant(x, clip_ratio)`` with the float32 buffer ``<clip>_ratio = sigmoid(clip_logit)``
+(the value the training form computes, so both forms quantize identically); the logit is dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Callable, Iterable
 import torch
 from torch import fx
 
-from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
+from dbllm_compile.ops import ACT_QUANT_OP, ACT_QUANT_TRAIN_OP, DEPLOY_OP, TRAIN_OP
+from dbllm_compile.reference.activation import clip_ratio_from_logit
 from dbllm_compile.reference.linear import train_weight_reference
 from dbllm_compile.reference.packing import pack_planes
 from dbllm_compile.passes.linear_match import get_attr_value
@@ -41,6 +46,24 @@ def _remove_attr(gm: fx.GraphModule, target: str) -> None:
     owner = gm.get_submodule(owner_path) if owner_path else gm
     if hasattr(owner, attr):
         delattr(owner, attr)
+
+
+def _convert_activation_quant(gm: fx.GraphModule) -> set[str]:
+    """``act_quant_train`` -> ``act_quant`` with a stored ratio; returns the logit targets."""
+    logits: set[str] = set()
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == ACT_QUANT_TRAIN_OP]:
+        x, clip_node = node.args
+        ratio_target = f"{clip_node.target}_ratio"
+        ratio = clip_ratio_from_logit(get_attr_value(gm, clip_node.target).detach())
+        _set_attr(gm, ratio_target, ratio, parameter=False)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ACT_QUANT_OP, (x, gm.graph.get_attr(ratio_target)))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        erase_if_dead(gm, clip_node)
+        logits.add(clip_node.target)
+    return logits
 
 
 @torch.no_grad()
@@ -100,7 +123,8 @@ def pack_linears(
         gm.graph.erase_node(node)
         for inp in old_inputs:
             erase_if_dead(gm, inp)
-    # Drop latent weights and float32 scales no node reads any more.
+    training_attrs |= _convert_activation_quant(gm)
+    # Drop latent weights, float32 scales and clip logits no node reads any more.
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for target in training_attrs - still_read:
         _remove_attr(gm, target)

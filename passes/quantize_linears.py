@@ -7,7 +7,10 @@ For every selected layer (a weight parameter and all linear sites that use it):
   modified;
 - two float32 parameters ``<weight>_a1`` and ``<weight>_a2`` of shape ``[out, ceil(in/G)]``
   are registered next to it, initialised by :func:`dbllm_compile.reference.init_scales`;
-- each site becomes ``dbllm.db_linear_train(x, weight, a1, a2, bias, G, scale_dtype)``.
+- each site becomes ``dbllm.db_linear_train(x, weight, a1, a2, bias, G, scale_dtype)``;
+- with ``activation_bits=4``, one ``dbllm.act_quant_train`` per distinct input is inserted
+  before the linears (shared by siblings such as q/k/v), see
+  :mod:`dbllm_compile.passes.activation_quant`.
 
 Selection: include/exclude patterns on the layer name, heads kept in full precision when
 ``keep_head``; a weight that is also read by anything other than a linear site (e.g. an
@@ -69,6 +72,7 @@ class PassReport:
     activation_products: int = 0
     sibling_groups: list[list[str]] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
+    activation_quantizers: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -79,6 +83,12 @@ class PassReport:
             f"product(s) left alone; {len(self.blocks)} block(s); "
             f"{len(self.sibling_groups)} group(s) of linears sharing an input"
         ]
+        if self.activation_quantizers:
+            shared = sum(len(q.layers) > 1 for q in self.activation_quantizers)
+            lines.append(
+                f"  {len(self.activation_quantizers)} 4-bit activation quantizer(s), {shared} shared "
+                f"by sibling linears"
+            )
         reasons: dict[str, list[str]] = {}
         for s in self.skipped:
             reasons.setdefault(s.reason, []).append(s.name)
@@ -96,6 +106,7 @@ class PassReport:
             "activation_products": self.activation_products,
             "sibling_groups": self.sibling_groups,
             "blocks": [vars(b) for b in self.blocks],
+            "activation_quantizers": [vars(q) for q in self.activation_quantizers],
             "notes": self.notes,
         }
 
@@ -313,6 +324,10 @@ def quantize_linears(
                 mirrored_fraction=float("nan") if structure_only else float(init.mirrored.float().mean()),
             )
         )
+    if config.activation_bits == 4:
+        from dbllm_compile.passes.activation_quant import insert_activation_quant
+
+        report.activation_quantizers = insert_activation_quant(gm)
     gm.graph.lint()
     gm.recompile()
     report.blocks = find_blocks(gm, [q.name for q in report.rewritten])

@@ -224,6 +224,15 @@ def to_hf(deployed: DBLLMModel, model: torch.nn.Module | None = None) -> torch.n
     else:
         model = copy.deepcopy(model)
     gm = deployed.graph_module
+    from dbllm_compile.ops import ACT_QUANT_OP
+
+    act = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target == ACT_QUANT_OP]
+    if act:
+        raise ArtifactError(
+            f"to_hf(): the model quantizes activations to 4 bits ({len(act)} dbllm.act_quant node(s), "
+            f"e.g. {act[0]!r}), which the Hugging Face DBLinear layer does not carry yet; export it "
+            f"with save_deployed() / the .pt2 format instead, or quantize with activation_bits=16"
+        )
     by_weight = deploy_layer_tensors(gm)
     layers: dict[str, dict[str, Any]] = {}
     quantized_tensors: set[str] = set()
