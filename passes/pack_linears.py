@@ -25,7 +25,7 @@ from dbllm_compile.reference.activation import clip_ratio_from_logit
 from dbllm_compile.reference.linear import train_weight_reference
 from dbllm_compile.reference.packing import pack_planes
 from dbllm_compile.passes.linear_match import get_attr_value
-from dbllm_compile.passes.quantize_linears import _set_attr, erase_if_dead
+from dbllm_compile.passes.quantize_linears import _set_attr, erase_if_dead, replace_node
 
 __all__ = ["PackedLayer", "pack_linears"]
 
@@ -117,12 +117,7 @@ def pack_linears(
             new = gm.graph.call_function(
                 DEPLOY_OP, (x, *args, bias, layer.in_features, group_size)
             )
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        old_inputs = list(node.all_input_nodes)
-        gm.graph.erase_node(node)
-        for inp in old_inputs:
-            erase_if_dead(gm, inp)
+        replace_node(gm, node, new)
     training_attrs |= _convert_activation_quant(gm)
     # Drop latent weights, float32 scales and clip logits no node reads any more.
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

@@ -298,12 +298,7 @@ def quantize_linears(
                     TRAIN_OP,
                     (s.x, w_node, a1_node, a2_node, s.bias, G, config.torch_scale_dtype),
                 )
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            old_inputs = list(node.all_input_nodes)
-            gm.graph.erase_node(node)
-            for inp in old_inputs:
-                erase_if_dead(gm, inp)
+            replace_node(gm, node, new)
         k_pad = padded_in_features(site.in_features, G)
         if k_pad != site.in_features:
             report.notes.append(
