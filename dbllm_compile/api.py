@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -14,7 +13,7 @@ from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.errors import DBLLMError
 from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, DEPLOY_OP, TRAIN_OP
 from dbllm_compile.passes.export import export_model
-from dbllm_compile.passes.pack_linears import PackedLayer, pack_linears
+from dbllm_compile.passes.pack_linears import pack_linears
 from dbllm_compile.passes.quantize_linears import PassReport, quantize_linears
 
 __all__ = ["DBLLMModel", "SizeReport", "quantize", "convert"]

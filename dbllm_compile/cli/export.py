@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dbllm_compile.artifact import artifact_info, load_deployed, save_deployed
+    from dbllm_compile.artifact import artifact_info, load_deployed
 
     console = Console(stderr=True)
     out = args.out or _default_out(args.artifact, args.format, args)

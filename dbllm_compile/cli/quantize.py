@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["BUDGETS", "add_parser", "run"]
 
