@@ -15,7 +15,7 @@ checkpoints written by :func:`dbllm_compile.artifact.hf.to_hf` + ``save_pretrain
 
 from dbllm_compile import ops  # noqa: F401  (registers torch.ops.dbllm.*)
 from dbllm_compile import backends  # noqa: F401  (registers the CUDA kernels when Triton is installed)
-from dbllm_compile.api import DBLLMModel, SizeReport, convert, quantize
+from dbllm_compile.api import DBLLMModel, SizeReport, add_activation_quant, convert, quantize
 from dbllm_compile.config import CONFIG_VERSION, DBLLMConfig
 from dbllm_compile.errors import (
     ArtifactError,
@@ -49,6 +49,7 @@ __all__ = [
     "GraphPassError",
     "QuantizationError",
     "SizeReport",
+    "add_activation_quant",
     "convert",
     "quantize",
     "__version__",

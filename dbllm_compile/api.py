@@ -256,3 +256,38 @@ def convert(qmodel: DBLLMModel, *, inplace: bool = False, progress: bool = True)
         p.requires_grad_(False)
     return DBLLMModel(gm, qmodel.config, qmodel.report, stage="deploy", fixed_kwargs=qmodel.fixed_kwargs,
                       example_spec=qmodel.example_spec, architecture=qmodel.architecture)
+
+
+def add_activation_quant(qmodel: DBLLMModel) -> DBLLMModel:
+    """Insert learnable 4-bit activation quantizers into a trained 16-bit-activation model, in place.
+
+    Stage 3 of W(1+1)A4 (LBLLM): after the weights were distilled with activations in full
+    precision, one ``dbllm.act_quant_train`` per distinct linear input is inserted (q/k/v share
+    one, gate/up share one; see :mod:`dbllm_compile.passes.activation_quant`), its clip factor
+    initialised to ``r = 0.95``; train the factors with ``DistillConfig(train_weights=False)``.
+    The config becomes ``activation_bits=4``; ``qmodel.report.activation_quantizers`` lists them.
+
+    Example:
+        >>> import dbllm_compile
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        >>> q = dbllm_compile.quantize(mlp, (torch.randn(4, 64),), dbllm_compile.DBLLMConfig(keep_head=False), progress=False)
+        >>> q = dbllm_compile.add_activation_quant(q)
+        >>> q.config.activation_bits, len(list(q.activation_parameters()))
+        (4, 2)
+    """
+    import dataclasses
+
+    from dbllm_compile.passes.activation_quant import insert_activation_quant
+
+    if not isinstance(qmodel, DBLLMModel) or qmodel.stage != "train":
+        got = qmodel.stage if isinstance(qmodel, DBLLMModel) else type(qmodel).__name__
+        raise DBLLMError(f"add_activation_quant() takes the output of quantize() (the 'train' stage), got {got!r}")
+    if qmodel.config.activation_bits == 4:
+        raise DBLLMError("add_activation_quant(): this model already quantizes its activations to 4 bits "
+                         "(quantized with activation_bits=4 or passed here before)")
+    gm = qmodel.graph_module
+    qmodel.report.activation_quantizers = insert_activation_quant(gm)
+    gm.graph.lint()
+    gm.recompile()
+    qmodel.config = dataclasses.replace(qmodel.config, activation_bits=4)
+    return qmodel

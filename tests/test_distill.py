@@ -145,3 +145,42 @@ def test_block_losses_follow_their_formulas():
     assert glob < 1e-6 < token
     with pytest.raises(dc.ConfigError, match="block_loss"):
         DistillConfig(block_loss="l1")
+
+
+def test_w2a4_three_stages_train_what_each_stage_should(tmp_path):
+    from dbllm_compile.distill import distill_w2a4
+    from dbllm_compile.distill.train import activation_parameters
+
+    model, data = _llama(), _data(8, 16)
+    q = _student(model, data)
+    snapshots: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_stage_end(name, student):
+        snapshots[name] = {k: v.detach().clone() for k, v in student.graph_module.named_parameters()}
+
+    weights = DistillConfig(steps=4, block_steps=2, batch_size=4, block_batch_size=4, lr=1e-3)
+    acts = DistillConfig(steps=6, batch_size=4, activation_lr=5e-2)
+    results = distill_w2a4(q, model, data, weights, acts, out_dir=tmp_path, progress=False, plots=False,
+                           on_stage_end=on_stage_end)
+    assert list(snapshots) == ["init", "weights", "activations-init", "activations"]
+    assert q.config.activation_bits == 4 and len(q.report.activation_quantizers) == 8  # 2 layers x (qkv, o, gate/up, down)
+    scale = next(iter(trainable_parameters(q.graph_module, False)[0]))
+    assert not torch.equal(snapshots["init"][scale], snapshots["weights"][scale])      # stage 2 trains weights
+    assert torch.equal(snapshots["activations-init"][scale], snapshots["activations"][scale])  # stage 3 does not
+    clips = list(activation_parameters(q.graph_module))
+    assert all(c not in snapshots["weights"] for c in clips)                            # inserted by stage 3
+    assert any(not torch.equal(snapshots["activations-init"][c], snapshots["activations"][c]) for c in clips)
+    assert len(results["activations"].losses) == 6 and results["activations"].block_records == []
+    # a second call resumes: every stage restores its final parameters from its checkpoint
+    q2 = _student(_llama(), data)
+    distill_w2a4(q2, model, data, weights, acts, out_dir=tmp_path, progress=False, plots=False)
+    for name, value in q.graph_module.named_parameters():
+        assert torch.equal(value, dict(q2.graph_module.named_parameters())[name]), name
+
+
+def test_stage_that_trains_nothing_is_an_error():
+    model, data = _llama(), _data(8, 16)
+    q = _student(model, data)
+    with pytest.raises(dc.ConfigError, match="trains nothing"):
+        distill(q, model, data, DistillConfig(steps=1, block_steps=0, batch_size=4, train_weights=False),
+                progress=False, plots=False)

@@ -6,13 +6,13 @@
   deviation-aware distillation loss).
 - :mod:`~dbllm_compile.distill.blocks`: transformer blocks of the exported graph as modules.
 - :mod:`~dbllm_compile.distill.train`: the block-wise and end-to-end stages (resumable).
-- :mod:`~dbllm_compile.distill.pipeline`: :func:`distill`, both stages in one call.
+- :mod:`~dbllm_compile.distill.pipeline`: :func:`distill`, both stages in one call; :func:`distill_w2a4`, the three stages of W(1+1)A4.
 """
 
 from dbllm_compile.distill.calibration import CalibrationData, CalibrationSpec, generate_calibration
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
-from dbllm_compile.distill.pipeline import DistillResult, distill
+from dbllm_compile.distill.pipeline import DistillResult, distill, distill_w2a4
 from dbllm_compile.distill.train import DistillConfig
 
 __all__ = ["CalibrationData", "CalibrationSpec", "DistillConfig", "DistillResult", "LossSpec",
-           "dad_weights", "distill", "distill_loss", "generate_calibration"]
+           "dad_weights", "distill", "distill_loss", "distill_w2a4", "generate_calibration"]

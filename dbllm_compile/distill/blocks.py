@@ -22,7 +22,7 @@ from torch import fx
 from torch.fx._pytree import tree_flatten_spec
 
 from dbllm_compile.errors import GraphPassError
-from dbllm_compile.ops import TRAIN_OP
+from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP
 from dbllm_compile.passes.graph_analysis import Block
 
 __all__ = ["extract_block", "capture", "flat_inputs"]
@@ -85,6 +85,8 @@ class _Capture(fx.Interpreter):
         if self.dense and n.op == "call_function" and n.target == TRAIN_OP:
             x, weight, _a1, _a2, bias = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args[:5])
             out = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        elif self.dense and n.op == "call_function" and n.target == ACT_QUANT_TRAIN_OP:
+            out = self.env[n.args[0]]  # full precision: activations are not quantized
         else:
             out = super().run_node(n)
         if n.name in self.wanted:
@@ -104,7 +106,8 @@ def capture(
     """Values of the nodes ``names`` when ``gm`` runs on ``(args, kwargs)``.
 
     With ``dense=True`` each ``db_linear_train`` computes ``x @ W.T + b`` from its latent weight
-    ``W``: the full-precision model, before any latent weight has been trained.
+    ``W`` and each ``act_quant_train`` passes its input through: the full-precision model, before
+    any latent weight has been trained.
     """
     runner = _Capture(gm, set(names), dense)
     runner.run(*flat_inputs(gm, args, kwargs))

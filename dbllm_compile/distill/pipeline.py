@@ -24,7 +24,7 @@ from dbllm_compile.distill.checkpoint import MetricsLog, load_checkpoint
 from dbllm_compile.distill.train import DistillConfig, train_blocks, train_end_to_end
 from dbllm_compile.errors import DBLLMError
 
-__all__ = ["DistillResult", "distill"]
+__all__ = ["DistillResult", "distill", "distill_w2a4"]
 
 
 @dataclass
@@ -112,3 +112,57 @@ def distill(
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def distill_w2a4(
+    student: DBLLMModel,
+    teacher: torch.nn.Module | Callable[[torch.Tensor], Any],
+    data: torch.Tensor,
+    weights: DistillConfig | None = None,
+    activations: DistillConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    plots: bool = True,
+    on_stage_end: Callable[[str, DBLLMModel], None] | None = None,
+) -> dict[str, DistillResult]:
+    """The three decoupled stages of W(1+1)A4 (LBLLM), on a model from :func:`dbllm_compile.quantize`.
+
+    1. ``"init"``: ``student`` as given: post-training initialisation, 16-bit activations.
+    2. ``"weights"``: :func:`distill` with ``weights`` (block-wise + end to end), activations in
+       full precision.
+    3. ``"activations"``: :func:`dbllm_compile.add_activation_quant` inserts the 4-bit activation
+       quantizers, then end-to-end distillation with ``activations`` trains their clip factors
+       only (weights frozen, no block-wise stage: its targets would be the trained latents).
+
+    Each stage checkpoints in its own sub-directory of ``out_dir`` (``stage2-weights/``,
+    ``stage3-activations/``); calling again with the same arguments resumes (a finished stage
+    restores its final parameters from its checkpoint). ``on_stage_end(name, student)`` is
+    called after each stage (e.g. to evaluate perplexity per stage).
+    """
+    import dataclasses
+
+    from dbllm_compile.api import add_activation_quant
+
+    if student.config.activation_bits != 16:
+        raise DBLLMError("distill_w2a4() takes a model quantized with activation_bits=16: the activation "
+                         "quantizers are inserted by stage 3, after the weights were distilled")
+    weights = weights or DistillConfig()
+    activations = activations or DistillConfig(steps=100)
+    activations = dataclasses.replace(activations, train_weights=False, train_activation=True, block_steps=0)
+    weights = dataclasses.replace(weights, train_activation=False)
+    out = Path(out_dir) if out_dir is not None else None
+    if on_stage_end:
+        on_stage_end("init", student)
+    results = {"weights": distill(student, teacher, data, weights, out_dir=out / "stage2-weights" if out else None,
+                                  progress=progress, plots=plots)}
+    if on_stage_end:
+        on_stage_end("weights", student)
+    add_activation_quant(student)
+    if on_stage_end:
+        on_stage_end("activations-init", student)
+    results["activations"] = distill(student, teacher, data, activations,
+                                     out_dir=out / "stage3-activations" if out else None, progress=progress, plots=plots)
+    if on_stage_end:
+        on_stage_end("activations", student)
+    return results

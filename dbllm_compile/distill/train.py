@@ -22,7 +22,7 @@ from dbllm_compile.distill.blocks import capture, extract_block
 from dbllm_compile.distill.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
 from dbllm_compile.errors import ConfigError, DBLLMError
-from dbllm_compile.ops import TRAIN_OP
+from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP
 
 __all__ = ["DistillConfig", "train_blocks", "train_end_to_end", "trainable_parameters"]
 
@@ -37,6 +37,11 @@ class DistillConfig:
         lr: peak learning rate of the scales (end-to-end).
         latent_lr: peak learning rate of the latent weights (when ``train_latent``).
         train_latent: also train the latent weights through the STE (lets bits flip).
+        train_weights: train the weight parameters (scales, and latents with ``train_latent``);
+            False freezes them (stage 3 of W(1+1)A4: only the activation factors learn).
+        train_activation: train the clip logits of the 4-bit activation quantizers, when the
+            model has any (``activation_bits=4`` or :func:`dbllm_compile.add_activation_quant`).
+        activation_lr: peak learning rate of the clip logits (``r = sigmoid(theta)``).
         warmup: fraction of the steps with linear warm-up; then cosine decay to 0.
         clip_grad: global gradient-norm clip (0 disables).
         loss: the end-to-end loss (:class:`~dbllm_compile.distill.losses.LossSpec`).
@@ -63,6 +68,9 @@ class DistillConfig:
     lr: float = 2e-4
     latent_lr: float = 2e-5
     train_latent: bool = True
+    train_weights: bool = True
+    train_activation: bool = True
+    activation_lr: float = 1e-2
     warmup: float = 0.05
     clip_grad: float = 1.0
     loss: LossSpec = field(default_factory=LossSpec)
@@ -83,7 +91,7 @@ class DistillConfig:
         for name in ("batch_size", "block_batch_size", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"DistillConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
-        for name in ("lr", "latent_lr", "block_lr", "block_latent_lr", "clip_grad"):
+        for name in ("lr", "latent_lr", "block_lr", "block_latent_lr", "clip_grad", "activation_lr"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup < 1:
@@ -141,16 +149,36 @@ def trainable_parameters(gm: torch.fx.GraphModule, train_latent: bool) -> tuple[
     return scales, latents
 
 
+def activation_parameters(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The clip logits of the ``act_quant_train`` nodes of ``gm`` by ``get_attr`` target."""
+    return {n.args[1].target: _attr(gm, n.args[1].target) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target == ACT_QUANT_TRAIN_OP}
+
+
+def _stage_parameters(gm: torch.fx.GraphModule, cfg: "DistillConfig") -> tuple[dict, dict, dict]:
+    """``(scales, latents, clips)`` that a stage trains under ``cfg`` (empty dicts for frozen kinds)."""
+    scales, latents = trainable_parameters(gm, cfg.train_latent) if cfg.train_weights else ({}, {})
+    clips = activation_parameters(gm) if cfg.train_activation else {}
+    if not (scales or latents or clips):
+        raise ConfigError(
+            "DistillConfig trains nothing on this model: train_weights=False and no activation quantizer "
+            "to train (quantize with DBLLMConfig(activation_bits=4) or call dbllm_compile.add_activation_quant)"
+        )
+    return scales, latents, clips
+
+
 def _freeze_all_but(gm: torch.nn.Module, keep: list[torch.Tensor]) -> None:
     keep_ids = {id(t) for t in keep}
     for p in gm.parameters():
         p.requires_grad_(id(p) in keep_ids)
 
 
-def _optimizer(scales: dict, latents: dict, lr: float, latent_lr: float) -> torch.optim.Optimizer:
-    groups = [{"params": list(scales.values()), "lr": lr, "base_lr": lr}]
-    if latents:
-        groups.append({"params": list(latents.values()), "lr": latent_lr, "base_lr": latent_lr})
+def _optimizer(scales: dict, latents: dict, lr: float, latent_lr: float, clips: dict | None = None,
+               clip_lr: float = 0.0) -> torch.optim.Optimizer:
+    groups = []
+    for params, group_lr in ((scales, lr), (latents, latent_lr), (clips or {}, clip_lr)):
+        if params:
+            groups.append({"params": list(params.values()), "lr": group_lr, "base_lr": group_lr})
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
@@ -235,7 +263,7 @@ def train_blocks(
 
     metrics = metrics or MetricsLog(None)
     blocks = [b for b in student.report.blocks if b.linears]
-    if not blocks or cfg.block_steps == 0:
+    if not blocks or cfg.block_steps == 0 or not cfg.train_weights:  # the block stage trains weights
         return []
     gm = student.graph_module
     device = _device_of(student)
@@ -343,9 +371,10 @@ def train_end_to_end(
         raise DBLLMError(f"distillation needs at least batch_size={cfg.batch_size} sequences, got {data.shape[0]}")
     gm = student.graph_module
     device = _device_of(student)
-    scales, latents = trainable_parameters(gm, cfg.train_latent)
-    _freeze_all_but(gm, [*scales.values(), *latents.values()])
-    opt = _optimizer(scales, latents, cfg.lr, cfg.latent_lr)
+    scales, latents, clips = _stage_parameters(gm, cfg)
+    params = [*scales.values(), *latents.values(), *clips.values()]
+    _freeze_all_but(gm, params)
+    opt = _optimizer(scales, latents, cfg.lr, cfg.latent_lr, clips, cfg.activation_lr)
     losses: list[float] = []
     step0 = 0
     state = load_checkpoint(checkpoint) if checkpoint else None
@@ -354,7 +383,7 @@ def train_end_to_end(
         opt.load_state_dict(state["optimizer"])
         step0 = int(state["step"])
         losses = list(state["losses"])
-    names = [*scales, *latents]
+    names = [*scales, *latents, *clips]
     forward = torch.compile(student, backend="dbllm", fullgraph=True) if cfg.compile else student
     bar = tqdm(total=cfg.steps, initial=step0, desc="distill", disable=not progress, unit="step")
     t_last, tokens = time.perf_counter(), 0
@@ -369,7 +398,7 @@ def train_end_to_end(
         loss = distill_loss(s_logits, t_logits, cfg.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([*scales.values(), *latents.values()], cfg.clip_grad or float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
         opt.step()
         losses.append(loss.item())
         tokens += ids.numel()
