@@ -34,6 +34,23 @@ def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
     assert "results" in manifest
 
 
+def test_w2a4_main_job_reports_every_stage(tiny_hf_dir, tmp_path, capsys):
+    directory, _, _ = tiny_hf_dir
+    out = tmp_path / "out"
+    rc = main(["quantize", "--model", str(directory), "--windows", "2", "--seq-len", "32", "--out", str(out),
+               "--json", "--steps", "2", "--block-steps", "1", "--tokens", "256", "--calib-seq-len", "32",
+               "--activation-bits", "4", "--act-steps", "3"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    results = json.loads(stdout[stdout.index("{\n"):])
+    ppl = results["perplexity"]["python-docs (default)"]
+    assert {"fp", "ptq", "2bit", "a4-maxabs", "w2a4"} <= set(ppl)
+    assert results["distill_activations"]["quantizers"] == 8  # 2 layers x (q/k/v, o, gate/up, down)
+    assert 0 < results["distill_activations"]["clip_ratio_min"] <= results["distill_activations"]["clip_ratio_max"] < 1
+    assert (out.with_name("out-run") / "stage3-activations" / "metrics.jsonl").is_file()
+    assert json.loads((out / "dbllm.json").read_text())["config"]["activation_bits"] == 4
+
+
 def test_no_distill_is_post_training_only(tiny_hf_dir, tmp_path, capsys):
     directory, _, _ = tiny_hf_dir
     rc = main(["quantize", "--model", str(directory), "--windows", "1", "--seq-len", "32",

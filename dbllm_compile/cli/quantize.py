@@ -57,16 +57,23 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="fraction of calibration sequences taken from --corpus (default 1: corpus only)")
     d.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     d.add_argument("--seed", type=int, default=0, help="seed of calibration data and data order")
+    a = q.add_argument_group("4-bit activations, W(1+1)A4 (three stages: init, weights, activations)")
+    a.add_argument("--activation-bits", type=int, choices=[16, 4], default=16,
+                   help="4: after distilling the weights with 16-bit activations, insert learnable per-token "
+                        "4-bit activation quantizers and distil their clip factors (default 16)")
+    a.add_argument("--act-steps", type=int, default=None, help="end-to-end steps of the activation stage")
     q.set_defaults(run=run)
     return q
 
 
 BUDGETS: dict[str, dict[str, int]] = {
     # 2 CPU cores, SmolLM2-135M (measured 2026-11-23): 21 s of data, 202 s block-wise, 98 s end to end.
-    "cpu": {"tokens": 16 * 128, "calib_seq_len": 128, "block_steps": 16, "steps": 6, "batch_size": 4},
+    "cpu": {"tokens": 16 * 128, "calib_seq_len": 128, "block_steps": 16, "steps": 6, "batch_size": 4,
+            "act_steps": 4},
     # one H100, real SmolLM2-135M (measured 2026-11-23, docs/results.md): 17 min in all (63 s of data,
     # 192 s block-wise, 680 s end to end); WikiText-2 perplexity 102.8 (full precision 28.74).
-    "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 1000, "batch_size": 8},
+    "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 1000, "batch_size": 8,
+            "act_steps": 300},
 }
 
 
@@ -119,6 +126,39 @@ def _calibration(args, model, tokenizer, budget, console) -> Any:
         corpus = corpus_calibration(tokenizer, load_eval_text(args.corpus), spec)
         data = mix_calibration(data, corpus, args.corpus_fraction, seed=args.seed)
     return data
+
+
+def _activation_stage(args, qmodel, teacher, data, budget, results, timings, console, evaluate, rows) -> None:
+    """Stage 3 of W(1+1)A4: insert the 4-bit activation quantizers, evaluate them with naive
+    max-abs scaling (clip ratio 1) for comparison, then distil their clip factors (weights frozen)."""
+    import torch
+
+    import dbllm_compile as dc
+    from dbllm_compile.distill import DistillConfig, LossSpec, distill
+
+    dc.add_activation_quant(qmodel)
+    clips = list(qmodel.activation_parameters())
+    initial = [c.detach().clone() for c in clips]
+    with torch.no_grad():
+        for c in clips:
+            c.fill_(30.0)  # sigmoid(30) == 1.0 in float32: every token scaled by its max |x|
+    evaluate("a4-maxabs", dc.convert(qmodel, progress=False))
+    rows.append(("a4-maxabs", "W2A4, naive max-abs activations (packed)"))
+    with torch.no_grad():
+        for c, value in zip(clips, initial):
+            c.copy_(value)
+    if data is None:
+        return
+    cfg = DistillConfig(steps=budget["act_steps"], block_steps=0, batch_size=budget["batch_size"],
+                        loss=LossSpec(args.loss), train_weights=False, train_activation=True, seed=args.seed)
+    run_dir = args.out.with_name(args.out.name + "-run") / "stage3-activations"
+    with _stage(timings, "distill activations", console):
+        run = distill(qmodel, teacher, data.input_ids, cfg, out_dir=run_dir)
+    ratios = [float(torch.sigmoid(c.detach())) for c in clips]
+    results["distill_activations"] = {"config": cfg.to_dict(), "seconds": run.seconds,
+                                      "final_loss": run.losses[-1] if run.losses else None,
+                                      "quantizers": len(clips), "clip_ratio_min": min(ratios),
+                                      "clip_ratio_max": max(ratios), "run_dir": str(run_dir)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,11 +243,21 @@ def run(args: argparse.Namespace) -> int:
                               "final_loss": run.losses[-1] if run.losses else None,
                               "block_rel_err": [(r["before"], r["after"]) for r in run.block_records],
                               "run_dir": str(run.out_dir)}
+    final = "2bit"
+    if args.activation_bits == 4:
+        final = "w2a4"
+        evaluate("2bit", dc.convert(qmodel, progress=False))
+        rows.append(("2bit", "2-bit weights, 16-bit activations" + (" (distilled)" if distill_cfg is not None else "")))
+        _activation_stage(args, qmodel, model, data if distill_cfg is not None else None, budget, results,
+                          timings, console, evaluate, rows)
     with _stage(timings, "convert", console):
         deployed = dc.convert(qmodel)
     del qmodel
-    evaluate("2bit", deployed)
-    rows.append(("2bit", "2-bit, distilled (packed)" if distill_cfg is not None else "2-bit, packed"))
+    evaluate(final, deployed)
+    if final == "w2a4":
+        rows.append((final, "W2A4, clip factors distilled (packed)" if distill_cfg is not None else "W2A4, clip 0.95 (packed)"))
+    else:
+        rows.append((final, "2-bit, distilled (packed)" if distill_cfg is not None else "2-bit, packed"))
 
     fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     size = deployed.size_report()
