@@ -1,0 +1,161 @@
+"""The on-disk cache of generated calibration data: teacher fingerprints, keys, atomic entries."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dbllm_compile.distill.calibration.spec import CalibrationSpec
+
+CALIBRATION_FORMAT_VERSION = 1
+"""Version of the cache entry layout and of the generation procedure; part of every cache key."""
+
+_METADATA_KEY = "dbllm_calibration"
+_SAMPLED_ELEMENTS_PER_TENSOR = 16
+
+
+class CalibrationCacheWarning(UserWarning):
+    """A cached calibration file could not be used (corrupt, truncated, or not what its name says);
+    the data is regenerated."""
+
+
+
+# ----------------------------------------------------------------------------- cache keys
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """A cheap fingerprint of a model: its config and a summary of every parameter and buffer.
+
+    The config is ``config.to_json_string(use_diff=False)`` without ``transformers_version`` and
+    ``_name_or_path`` (so a library upgrade or a moved checkpoint keeps the key). Each tensor
+    contributes its name, shape, dtype, float64 sum and L2 norm (12 significant digits, so the
+    order of the reduction on different devices does not matter) and the exact values of 16
+    elements at evenly spaced flat positions. Any realistic change of the weights (training,
+    another checkpoint, another dtype) changes the fingerprint; it is not a cryptographic hash
+    of every byte.
+
+    Returns:
+        a 64-character hex SHA-256.
+
+    Example:
+        >>> fp = teacher_fingerprint(torch.nn.Linear(4, 4))
+        >>> len(fp)
+        64
+    """
+    digest = hashlib.sha256()
+    config = getattr(teacher, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        config_dict = json.loads(config.to_json_string(use_diff=False))
+        for volatile in ("transformers_version", "_name_or_path"):
+            config_dict.pop(volatile, None)
+        digest.update(json.dumps(config_dict, sort_keys=True).encode())
+    else:
+        digest.update(type(teacher).__qualname__.encode())
+    with torch.no_grad():
+        for name, tensor in _named_tensors(teacher):
+            flat = tensor.detach().reshape(-1)
+            line = f"{name}|{tuple(tensor.shape)}|{tensor.dtype}"
+            if flat.numel() and (flat.is_floating_point() or flat.is_complex()):
+                as_f64 = flat.to(torch.float64) if not flat.is_complex() else flat.abs().to(torch.float64)
+                total = float(as_f64.sum())
+                norm = float(torch.linalg.vector_norm(as_f64))
+                # Integer spacing: a float32 linspace rounds past the end on tensors of > 2^24 elements.
+                steps = max(1, _SAMPLED_ELEMENTS_PER_TENSOR - 1)
+                index = torch.arange(_SAMPLED_ELEMENTS_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // steps
+                sampled = as_f64[index].tolist()
+                line += f"|{total:.12e}|{norm:.12e}|" + ",".join(repr(v) for v in sampled)
+            elif flat.numel():
+                line += "|" + hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
+            digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and buffers by name; tied tensors once."""
+    seen: set[int] = set()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        yield name, tensor
+
+
+def calibration_cache_key(teacher_key: str, spec: CalibrationSpec, candidates: torch.Tensor) -> str:
+    """SHA-256 of a canonical JSON of the teacher key, every spec field, the first-token
+    candidate set and :data:`CALIBRATION_FORMAT_VERSION`.
+
+    Example:
+        >>> c = torch.arange(10)
+        >>> calibration_cache_key("t", CalibrationSpec(), c) == calibration_cache_key("t", CalibrationSpec(), c)
+        True
+        >>> calibration_cache_key("t", CalibrationSpec(), c) == calibration_cache_key("t", CalibrationSpec(seed=1), c)
+        False
+    """
+    payload = {
+        "format_version": CALIBRATION_FORMAT_VERSION,
+        "teacher_key": teacher_key,
+        "spec": spec.to_dict(),
+        "first_tokens_sha256": hashlib.sha256(
+            json.dumps(candidates.tolist(), separators=(",", ":")).encode()
+        ).hexdigest(),
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- cache files
+
+
+def _write_cache(path: Path, input_ids: torch.Tensor, meta: dict[str, Any]) -> None:
+    """Write ``input_ids`` + ``meta`` to ``path`` atomically (temporary file + ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"input_ids": input_ids.contiguous()}, tmp_name, metadata={_METADATA_KEY: json.dumps(meta)})
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _read_cache(path: Path, key: str, spec: CalibrationSpec, vocab_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read and check a cache entry (safetensors, no pickle); ``ValueError`` says what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if "input_ids" not in f.keys():
+                raise ValueError("it has no tensor 'input_ids'")
+            input_ids = f.get_tensor("input_ids")
+    except SafetensorError as err:
+        raise ValueError(f"it is not a readable safetensors file ({err})") from None
+    try:
+        meta = json.loads(metadata[_METADATA_KEY])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"its metadata entry {_METADATA_KEY!r} is missing or not JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != CALIBRATION_FORMAT_VERSION:
+        raise ValueError(
+            f"its format version is {meta.get('format_version') if isinstance(meta, dict) else None!r}, "
+            f"expected {CALIBRATION_FORMAT_VERSION}"
+        )
+    if meta.get("key") != key:
+        raise ValueError(f"its recorded key {meta.get('key')!r} does not match its name")
+    expected = (spec.num_sequences, spec.seq_len)
+    if input_ids.dtype != torch.long or tuple(input_ids.shape) != expected:
+        raise ValueError(f"input_ids is {input_ids.dtype} {tuple(input_ids.shape)}, expected int64 {expected}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids has ids outside [0, {vocab_size})")
+    return input_ids, meta
