@@ -48,6 +48,7 @@ def test_w2a4_main_job_reports_every_stage(tiny_hf_dir, tmp_path, capsys):
     assert results["distill_activations"]["quantizers"] == 8  # 2 layers x (q/k/v, o, gate/up, down)
     assert 0 < results["distill_activations"]["clip_ratio_min"] <= results["distill_activations"]["clip_ratio_max"] < 1
     assert (out.with_name("out-run") / "stage3-activations" / "metrics.jsonl").is_file()
+    assert (out.with_name("out-run") / "stage2-weights" / "metrics.jsonl").is_file()
     assert json.loads((out / "dbllm.json").read_text())["config"]["activation_bits"] == 4
 
 
@@ -59,6 +60,16 @@ def test_no_distill_is_post_training_only(tiny_hf_dir, tmp_path, capsys):
     stdout = capsys.readouterr().out
     results = json.loads(stdout[stdout.index("{\n"):])
     assert "distill" not in results and "ptq" not in results["perplexity"]["python-docs (default)"]
+
+
+def test_no_distill_w2a4_reports_the_naive_baseline(tiny_hf_dir, tmp_path, capsys):
+    directory, _, _ = tiny_hf_dir
+    rc = main(["quantize", "--model", str(directory), "--windows", "1", "--seq-len", "32",
+               "--out", str(tmp_path / "o"), "--json", "--no-distill", "--activation-bits", "4"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    ppl = json.loads(stdout[stdout.index("{\n"):])["perplexity"]["python-docs (default)"]
+    assert {"2bit", "a4-maxabs", "w2a4"} <= set(ppl)
 
 
 def test_bad_config_is_a_clear_error_before_loading(capsys):

@@ -128,15 +128,13 @@ def _calibration(args, model, tokenizer, budget, console) -> Any:
     return data
 
 
-def _activation_stage(args, qmodel, teacher, data, budget, results, timings, console, evaluate, rows) -> None:
-    """Stage 3 of W(1+1)A4: insert the 4-bit activation quantizers, evaluate them with naive
-    max-abs scaling (clip ratio 1) for comparison, then distil their clip factors (weights frozen)."""
+def _evaluate_naive_a4(qmodel, evaluate, rows) -> None:
+    """Evaluate the freshly inserted 4-bit activation quantizers with naive max-abs scaling (clip
+    ratio 1), the baseline that the distilled clip factors must beat; the factors are restored."""
     import torch
 
     import dbllm_compile as dc
-    from dbllm_compile.distill import DistillConfig, LossSpec, distill
 
-    dc.add_activation_quant(qmodel)
     clips = list(qmodel.activation_parameters())
     initial = [c.detach().clone() for c in clips]
     with torch.no_grad():
@@ -147,18 +145,6 @@ def _activation_stage(args, qmodel, teacher, data, budget, results, timings, con
     with torch.no_grad():
         for c, value in zip(clips, initial):
             c.copy_(value)
-    if data is None:
-        return
-    cfg = DistillConfig(steps=budget["act_steps"], block_steps=0, batch_size=budget["batch_size"],
-                        loss=LossSpec(args.loss), train_weights=False, train_activation=True, seed=args.seed)
-    run_dir = args.out.with_name(args.out.name + "-run") / "stage3-activations"
-    with _stage(timings, "distill activations", console):
-        run = distill(qmodel, teacher, data.input_ids, cfg, out_dir=run_dir)
-    ratios = [float(torch.sigmoid(c.detach())) for c in clips]
-    results["distill_activations"] = {"config": cfg.to_dict(), "seconds": run.seconds,
-                                      "final_loss": run.losses[-1] if run.losses else None,
-                                      "quantizers": len(clips), "clip_ratio_min": min(ratios),
-                                      "clip_ratio_max": max(ratios), "run_dir": str(run_dir)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -237,19 +223,42 @@ def run(args: argparse.Namespace) -> int:
             data = _calibration(args, model, tokenizer, budget, console)
         results["calibration"] = {"source": data.source, "tokens": data.tokens, "seconds": data.seconds,
                                   "from_cache": data.from_cache}
-        with _stage(timings, "distill", console):
-            run = distill(qmodel, model, data.input_ids, distill_cfg, out_dir=args.out.with_name(args.out.name + "-run"))
+        run_dir = args.out.with_name(args.out.name + "-run")
+        if args.activation_bits == 4:
+            from dbllm_compile.distill import DistillConfig, distill_w2a4
+
+            def on_stage_end(name: str, student: Any) -> None:
+                if name == "weights":
+                    evaluate("2bit", dc.convert(student, progress=False))
+                    rows.append(("2bit", "2-bit weights, 16-bit activations (distilled)"))
+                elif name == "activations-init":
+                    _evaluate_naive_a4(student, evaluate, rows)
+
+            act_cfg = DistillConfig(steps=budget["act_steps"], batch_size=budget["batch_size"],
+                                    loss=distill_cfg.loss, seed=args.seed)
+            with _stage(timings, "distill (weights, then activations)", console):
+                runs = distill_w2a4(qmodel, model, data.input_ids, distill_cfg, act_cfg, out_dir=run_dir,
+                                    on_stage_end=on_stage_end)
+            run = runs["weights"]
+            ratios = [float(torch.sigmoid(c.detach())) for c in qmodel.activation_parameters()]
+            results["distill_activations"] = {
+                "config": act_cfg.to_dict(), "seconds": runs["activations"].seconds,
+                "final_loss": runs["activations"].losses[-1] if runs["activations"].losses else None,
+                "quantizers": len(ratios), "clip_ratio_min": min(ratios), "clip_ratio_max": max(ratios),
+                "run_dir": str(runs["activations"].out_dir)}
+        else:
+            with _stage(timings, "distill", console):
+                run = distill(qmodel, model, data.input_ids, distill_cfg, out_dir=run_dir)
         results["distill"] = {"config": distill_cfg.to_dict(), "budget": budget, "seconds": run.seconds,
                               "final_loss": run.losses[-1] if run.losses else None,
                               "block_rel_err": [(r["before"], r["after"]) for r in run.block_records],
                               "run_dir": str(run.out_dir)}
-    final = "2bit"
-    if args.activation_bits == 4:
-        final = "w2a4"
+    elif args.activation_bits == 4:  # post-training only: insert the quantizers (clip ratio 0.95)
         evaluate("2bit", dc.convert(qmodel, progress=False))
-        rows.append(("2bit", "2-bit weights, 16-bit activations" + (" (distilled)" if distill_cfg is not None else "")))
-        _activation_stage(args, qmodel, model, data if distill_cfg is not None else None, budget, results,
-                          timings, console, evaluate, rows)
+        rows.append(("2bit", "2-bit weights, 16-bit activations"))
+        dc.add_activation_quant(qmodel)
+        _evaluate_naive_a4(qmodel, evaluate, rows)
+    final = "w2a4" if args.activation_bits == 4 else "2bit"
     with _stage(timings, "convert", console):
         deployed = dc.convert(qmodel)
     del qmodel
