@@ -83,7 +83,8 @@ STEPS: dict[str, str] = {
             x = torch.randn(4, 64, device=device, dtype=dtype)
             ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
             path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{OUT}/plain_{device}.pt2")
-            print("compiled", path)
+            print("compiled", path, flush=True)
+        import os; os._exit(0)   # the Inductor compile worker pool otherwise keeps the process alive
     """,
     "load_default": _with_run("""
         import torch
@@ -117,6 +118,24 @@ STEPS: dict[str, str] = {
         path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{OUT}/plain_same.pt2")
         runner = torch._inductor.aoti_load_package(path)
     """),
+    "load_so_runner": """
+        import glob, torch
+        sos = sorted(glob.glob(f"{OUT}/plain_cuda_unzipped/**/*.so", recursive=True))
+        print("shared objects", sos, flush=True)
+        so = sos[0]
+        import os
+        cubin_dir = os.path.dirname(so)
+        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(so, 1, "cuda", cubin_dir, False)
+        x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+        out = runner.run([x]); torch.cuda.synchronize()
+        print("ran: output", tuple(out[0].shape))
+    """,
+    "load_so_ctypes": """
+        import ctypes, glob, torch
+        so = sorted(glob.glob(f"{OUT}/plain_cuda_unzipped/**/*.so", recursive=True))[0]
+        lib = ctypes.CDLL(so, mode=ctypes.RTLD_GLOBAL)
+        print("dlopen ok", so, hasattr(lib, "AOTInductorModelContainerCreateWithDevice"))
+    """,
     "load_cpu_package": """
         import torch
         runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cpu.pt2")
@@ -144,7 +163,8 @@ STEPS: dict[str, str] = {
         save_file({"ids": ids.cpu(), "logits": ref.float().cpu()}, f"{OUT}/dbllm_reference.safetensors")
         json.dump({"sum": float(ref.double().sum()), "first": ref.flatten()[:4].double().tolist(),
                    "kernel_binaries": len(kernels)}, open(f"{OUT}/dbllm_reference.json", "w"))
-        print("eager reference saved; logits sum", float(ref.double().sum()))
+        print("eager reference saved; logits sum", float(ref.double().sum()), flush=True)
+        import os; os._exit(0)   # the Inductor compile worker pool otherwise keeps the process alive
     """,
     "dbllm_load": """
         import sys
@@ -162,6 +182,86 @@ STEPS: dict[str, str] = {
         print("ran: same outputs (fp16 tolerance)")
     """,
 }
+
+# Native diagnosis of a crashing load (no gdb on the GPU image): an LD_PRELOAD library whose
+# SIGSEGV handler prints the faulting PC and a backtrace with dladdr names, installed at load
+# time (Python runs without -X faulthandler here so it keeps the handler).
+SEGV_HANDLER_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <ucontext.h>
+static void show(const char *what, void *addr) {
+  Dl_info info;
+  if (dladdr(addr, &info) && info.dli_fname)
+    fprintf(stderr, "SEGV_DIAG %s %p %s+%#lx %s\n", what, addr, info.dli_fname,
+            (unsigned long)((char *)addr - (char *)info.dli_fbase), info.dli_sname ? info.dli_sname : "?");
+  else
+    fprintf(stderr, "SEGV_DIAG %s %p ?\n", what, addr);
+}
+static void handler(int sig, siginfo_t *si, void *ctx) {
+  void *frames[64];
+  int n = backtrace(frames, 64);
+  fprintf(stderr, "SEGV_DIAG signal %d fault address %p\n", sig, si->si_addr);
+  show("pc", (void *)((ucontext_t *)ctx)->uc_mcontext.gregs[REG_RIP]);
+  for (int i = 0; i < n; i++) show("frame", frames[i]);
+  fflush(stderr);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+__attribute__((constructor)) static void install(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = handler;
+  sa.sa_flags = SA_SIGINFO;
+  sigaction(SIGSEGV, &sa, 0);
+  sigaction(SIGBUS, &sa, 0);
+}
+"""
+
+
+def native_backtrace(out: Path, step: str) -> dict:
+    """Run step ``step`` with the SIGSEGV-handler library preloaded; demangle its frames."""
+    src, lib = out / "segv_diag.c", out / "libsegv_diag.so"
+    src.write_text(SEGV_HANDLER_C)
+    build = subprocess.run(["gcc", "-shared", "-fPIC", "-O0", "-o", str(lib), str(src), "-ldl"],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        return {"rc": "build failed", "stderr": build.stderr[-2000:]}
+    env = dict(os.environ, LD_PRELOAD=str(lib))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", step_code(step, out)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=env)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("SEGV_DIAG")]
+    if shutil.which("c++filt") and lines:
+        lines = subprocess.run(["c++filt"], input="\n".join(lines), capture_output=True, text=True).stdout.splitlines()
+    (out / f"{step}_native.log").write_text(f"rc={proc.returncode}\n" + "\n".join(lines) + "\n--- stderr\n" + proc.stderr[-8000:])
+    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "frames": lines[:40]}
+
+
+def inspect_package(out: Path) -> dict:
+    """What the plain CUDA package holds, and what its shared library needs (``ldd -r``)."""
+    import zipfile
+
+    pkg = out / "plain_cuda.pt2"
+    if not pkg.exists():
+        return {"rc": "missing", "reason": f"{pkg} not compiled"}
+    z = zipfile.ZipFile(pkg)
+    files = {i.filename: i.file_size for i in z.infolist()}
+    dest = out / "plain_cuda_unzipped"
+    z.extractall(dest)
+    result: dict = {"rc": 0, "files": files}
+    for so in dest.rglob("*.so"):
+        ldd = subprocess.run(["ldd", "-r", str(so)], capture_output=True, text=True)
+        undefined = [line for line in (ldd.stdout + ldd.stderr).splitlines() if "undefined" in line]
+        result[str(so.relative_to(dest))] = {"ldd": ldd.stdout[-3000:], "undefined_symbols": len(undefined),
+                                             "undefined_first": undefined[:20]}
+    (out / "inspect_package.json").write_text(json.dumps(result, indent=2))
+    return result
+
 
 LOAD_VARIANTS = ("load_default", "load_single_threaded", "load_loader_direct", "load_after_cuda_init",
                  "load_after_triton_import", "compile_and_load_same_process", "load_cpu_package")
@@ -254,6 +354,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "aoti-check")))
     parser.add_argument("--timeout", type=int, default=420, help="seconds per step")
     parser.add_argument("--skip-cpp", action="store_true")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated steps to run (default: all); e.g. diagnose,cpp reuses the packages in --out")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -265,16 +367,26 @@ def main() -> int:
         (out / "aoti_check.json").write_text(json.dumps(report, indent=2))
         return result
 
-    record("env", run_step("env", out, 120))
-    record("compile_plain", run_step("compile_plain", out, args.timeout))
-    for name in LOAD_VARIANTS:
-        record(name, run_step(name, out, args.timeout))
-    if report["steps"]["load_default"]["rc"] != 0:
-        record("gdb_backtrace", gdb_backtrace(out))
-    record("dbllm_compile", run_step("dbllm_compile", out, args.timeout))
-    if report["steps"]["dbllm_compile"]["rc"] == 0:
-        record("dbllm_load", run_step("dbllm_load", out, args.timeout))
-    if not args.skip_cpp:
+    groups = set((args.only or "env,plain,loads,diagnose,dbllm,cpp").split(","))
+    if "env" in groups:
+        record("env", run_step("env", out, 120))
+    if "plain" in groups:
+        record("compile_plain", run_step("compile_plain", out, args.timeout))
+    if "loads" in groups:
+        for name in LOAD_VARIANTS:
+            record(name, run_step(name, out, args.timeout))
+    if "diagnose" in groups:
+        record("inspect_package", inspect_package(out))
+        record("load_so_ctypes", run_step("load_so_ctypes", out, args.timeout))
+        record("load_so_runner", run_step("load_so_runner", out, args.timeout))
+        record("native_backtrace", native_backtrace(out, "load_loader_direct"))
+        if shutil.which("gdb"):
+            record("gdb_backtrace", gdb_backtrace(out))
+    if "dbllm" in groups:
+        record("dbllm_compile", run_step("dbllm_compile", out, args.timeout))
+        if report["steps"]["dbllm_compile"]["rc"] == 0:
+            record("dbllm_load", run_step("dbllm_load", out, args.timeout))
+    if "cpp" in groups and not args.skip_cpp:
         build = record("cpp_build", build_cpp(out))
         if build["rc"] == 0:
             record("cpp_run_plain", run_cpp(build["binary"], [str(out / "plain_cuda.pt2"), "float", "4", "64", "float16"],
@@ -286,7 +398,7 @@ def main() -> int:
                 if cpp["rc"] == 0 and ref.exists():
                     cpp["reference"] = json.loads(ref.read_text())
                     record("cpp_run_dbllm", cpp)
-    loads = {n: report["steps"][n]["rc"] for n in LOAD_VARIANTS}
+    loads = {n: report["steps"][n]["rc"] for n in LOAD_VARIANTS if n in report["steps"]}
     report["summary"] = {
         "plain_load_variants_rc": loads,
         "dbllm_python": report["steps"].get("dbllm_load", {}).get("rc"),

@@ -99,6 +99,20 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=2))
         _plot(result, args.out / "compile_bench.png")
 
+    if "greedy" in parts and args.model:
+        t0 = time.perf_counter()
+        from dbllm_compile.models import load_model
+
+        model, tok = load_model(args.model, dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
+        prompt = tok("The capital of France is", return_tensors="pt").input_ids
+        result["greedy"] = greedy_match(model, prompt, new_tokens=args.greedy_tokens, init="mse")
+        result["greedy"]["eager_text"] = tok.decode(result["greedy"]["eager_tokens"])
+        result["greedy"]["compiled_text"] = tok.decode(result["greedy"]["compiled_tokens"])
+        result["seconds"]["greedy"] = time.perf_counter() - t0
+        g = result["greedy"]
+        print(f"greedy: identical={g['identical']} first difference at {g['first_difference_at']}\n"
+              f"  eager:    {g['eager_text']!r}\n  compiled: {g['compiled_text']!r}", flush=True)
+        save()
     if "decode" in parts:
         t0 = time.perf_counter()
         model = llama_model("llama2-7b", device, torch.float16 if device == "cuda" else torch.float32, args.layers)
@@ -127,20 +141,6 @@ def main() -> int:
               f"{d['compiled']['seconds_per_step'] * 1e3:.1f} ms ({d['speedup']:.2f}x; opaque op "
               f"{d['compiled_opaque_op']['seconds_per_step'] * 1e3:.1f} ms, {d['speedup_opaque_op']:.2f}x); scales changed "
               f"{d['compiled']['scales_changed_fraction']:.3f}", flush=True)
-        save()
-    if "greedy" in parts and args.model:
-        t0 = time.perf_counter()
-        from dbllm_compile.models import load_model
-
-        model, tok = load_model(args.model, dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
-        prompt = tok("The capital of France is", return_tensors="pt").input_ids
-        result["greedy"] = greedy_match(model, prompt, new_tokens=args.greedy_tokens, init="mse")
-        result["greedy"]["eager_text"] = tok.decode(result["greedy"]["eager_tokens"])
-        result["greedy"]["compiled_text"] = tok.decode(result["greedy"]["compiled_tokens"])
-        result["seconds"]["greedy"] = time.perf_counter() - t0
-        g = result["greedy"]
-        print(f"greedy: identical={g['identical']} first difference at {g['first_difference_at']}\n"
-              f"  eager:    {g['eager_text']!r}\n  compiled: {g['compiled_text']!r}", flush=True)
         save()
     save()
     print(f"wrote {path}")

@@ -95,6 +95,23 @@ def _decode_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, ca
     return out.logits[:, -1, :]
 
 
+def _compile_step(fn: Any, backend: Any, options: Mapping[str, Any] | None, mode: str | None) -> Any:
+    """``torch.compile`` of one step. ``torch.compile`` refuses ``mode`` together with ``options``;
+    the "dbllm" backend then takes the mode as ``options["mode"]``, any other backend gets an error."""
+    kw: dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": False}
+    if options:
+        opts = dict(options)
+        if mode is not None and mode != "default":
+            if backend != "dbllm":
+                raise ValueError(f"StaticCacheGenerator: backend {backend!r} takes mode={mode!r} or options, not "
+                                 "both (torch.compile refuses the pair); put the mode's settings into options")
+            opts.setdefault("mode", mode)
+        kw["options"] = opts
+    else:
+        kw["mode"] = mode
+    return torch.compile(fn, **kw)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,11 +155,8 @@ class StaticCacheGenerator:
         if backend is None:
             self._prefill, self._decode = _prefill_step, _decode_step
         else:
-            kw: dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": False}
-            if options:
-                kw["options"] = dict(options)
-            self._prefill = torch.compile(_prefill_step, mode=prefill_mode, **kw)
-            self._decode = torch.compile(_decode_step, mode=mode, **kw)
+            self._prefill = _compile_step(_prefill_step, backend, options, prefill_mode)
+            self._decode = _compile_step(_decode_step, backend, options, mode)
         self._cache: Any = None
         self._cache_batch = 0
         self._calls = 0

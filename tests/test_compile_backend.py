@@ -63,6 +63,23 @@ def test_options_are_validated():
     with pytest.raises(ConfigError, match="group_size"):
         CompileOptions.from_options({"group_size": 60})
     assert CompileOptions.from_options({"exclude": "*.mlp.*"}).exclude == ("*.mlp.*",)
+    with pytest.raises(ConfigError, match="options\\['mode'\\]"):
+        CompileOptions.from_options({"mode": "fast"})
+
+
+def test_mode_with_options_goes_into_options(tiny_llama):
+    """torch.compile refuses mode= with options=; the generator moves the mode into options."""
+    from dbllm_compile.generate import StaticCacheGenerator
+
+    with pytest.raises(RuntimeError, match="mode or options"):
+        torch.compile(tiny_llama, backend="dbllm", options={"init": "maxabs"}, mode="reduce-overhead")
+    gen = StaticCacheGenerator(tiny_llama, max_cache_len=16, backend="dbllm", options={"init": "maxabs"},
+                               mode="reduce-overhead")
+    assert gen.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2).tokens.shape[-1] >= 2
+    assert all(g.mode == "quantize" for g in stats().graphs)
+    with pytest.raises(ValueError, match="not both"):
+        StaticCacheGenerator(tiny_llama, max_cache_len=16, backend="inductor", options={"max_autotune": False},
+                             mode="reduce-overhead")
 
 
 def test_tiny_gpt2_fullgraph_inductor_matches_reference(tiny_gpt2):

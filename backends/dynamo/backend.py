@@ -1,8 +1,9 @@
 """The ``"dbllm"`` torch.compile backend: rewrite the linears, lower the rest with Inductor.
 
-``torch.compile(model, backend="dbllm", options={...}, mode=...)`` calls
-:func:`dbllm_backend` once per graph Dynamo captures, as ``dbllm_backend(gm, example_inputs,
-options=..., mode=...)``. Per graph:
+``torch.compile(model, backend="dbllm", options={...})`` calls :func:`dbllm_backend` once per
+graph Dynamo captures, as ``dbllm_backend(gm, example_inputs, options=...)`` (``torch.compile``
+takes ``mode=`` or ``options=``, not both: with options, the mode is ``options["mode"]``). Per
+graph:
 
 1. mode choice: a graph holding dual-binary ops (a model from ``quantize()``/``convert()``) is
    *lowered* as it is; any other graph gets its linears *quantized* on the fly
@@ -89,7 +90,8 @@ def dbllm_backend(
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches: dict[str, Any] = dict(list_mode_options(mode)) if mode else {}
+    mode = mode or opts.mode
+    patches: dict[str, Any] = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     if record.lowered.get("db_linear_train:decomposed"):
         # The decomposition rounds the scales to scale_dtype and back; by default Inductor drops
         # such round trips inside fused kernels, which would change the bits.

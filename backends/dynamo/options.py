@@ -17,6 +17,9 @@ from dbllm_compile.errors import ConfigError
 __all__ = ["CompileOptions", "ACTIVATION_MODES", "QUANTIZE_MODES"]
 
 ACTIVATION_MODES = ("a16",)
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""Modes of ``options["mode"]`` (those of ``torch.compile(mode=...)``)."""
+
 """Implemented activation modes: ``"a16"`` keeps activations in the model's dtype."""
 
 QUANTIZE_MODES = ("auto", "always", "never")
@@ -54,6 +57,10 @@ class CompileOptions:
             eagerly (debugging, fast tests).
         inductor_options: Inductor config patches (as ``torch.compile(options=...)`` takes for
             the ``"inductor"`` backend), applied after those of ``mode``.
+        mode: Inductor mode of the non-quantized part (``"default"``, ``"reduce-overhead"``: CUDA
+            graphs, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``). ``torch.compile``
+            refuses ``mode=`` together with ``options=``, so with options the mode goes here;
+            ``torch.compile(model, backend="dbllm", mode=...)`` without options works too.
         strict: raise instead of skipping a linear the backend cannot quantize (a computed
             weight, a non-parameter weight, a weight in both layouts). Heads, excluded and tied
             weights are skipped by configuration, never an error.
@@ -79,6 +86,7 @@ class CompileOptions:
     inductor: bool = True
     inductor_options: Mapping[str, Any] = field(default_factory=dict)
     strict: bool = False
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.activations == "a4":
@@ -107,6 +115,11 @@ class CompileOptions:
                     f"torch.compile backend 'dbllm': options[{name!r}] must be True or False, "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.mode is not None and self.mode not in INDUCTOR_MODES:
+            raise ConfigError(
+                f"torch.compile backend 'dbllm': options['mode'] must be one of {list(INDUCTOR_MODES)} "
+                f"or None, got {self.mode!r}"
+            )
         if not isinstance(self.inductor_options, Mapping):
             raise ConfigError(
                 f"torch.compile backend 'dbllm': options['inductor_options'] must be a dict of "
