@@ -118,6 +118,30 @@ STEPS: dict[str, str] = {
         path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{OUT}/plain_same.pt2")
         runner = torch._inductor.aoti_load_package(path)
     """),
+    "load_libstdcxx_global": _with_run("""
+        import ctypes, os, torch
+        lib = next(line.split()[-1] for line in open("/proc/self/maps") if "libstdc++.so" in line)
+        print("libstdc++ in process:", lib, flush=True)
+        ctypes.CDLL(lib, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
+    """),
+    "load_libstdcxx_by_name": _with_run("""
+        import ctypes, os
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)
+        import torch
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
+    """),
+    "load_dlopenflags_global": _with_run("""
+        import os, sys
+        sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW)
+        import torch
+        runner = torch._inductor.aoti_load_package(f"{OUT}/plain_cuda.pt2")
+    """),
+    "load_via_dbllm": _with_run("""
+        import torch
+        from dbllm_compile.artifact.aoti import load_aoti
+        runner = load_aoti(f"{OUT}/plain_cuda.pt2")
+    """),
     "load_so_runner": """
         import glob, torch
         sos = sorted(glob.glob(f"{OUT}/plain_cuda_unzipped/**/*.so", recursive=True))
@@ -172,6 +196,8 @@ STEPS: dict[str, str] = {
         import torch
         from safetensors.torch import load_file
         ref = load_file(f"{OUT}/dbllm_reference.safetensors")
+        import ctypes, os                           # the libstdc++ workaround, without dbllm_compile
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)
         runner = torch._inductor.aoti_load_package(f"{OUT}/dbllm_cuda.pt2")
         print("metadata", {k: v for k, v in runner.get_metadata().items() if k.startswith("dbllm.")})
         (logits,) = runner(ref["ids"].cuda())
@@ -262,6 +288,8 @@ def inspect_package(out: Path) -> dict:
     (out / "inspect_package.json").write_text(json.dumps(result, indent=2))
     return result
 
+
+WORKAROUNDS = ("load_libstdcxx_global", "load_libstdcxx_by_name", "load_dlopenflags_global", "load_via_dbllm")
 
 LOAD_VARIANTS = ("load_default", "load_single_threaded", "load_loader_direct", "load_after_cuda_init",
                  "load_after_triton_import", "compile_and_load_same_process", "load_cpu_package")
@@ -367,13 +395,16 @@ def main() -> int:
         (out / "aoti_check.json").write_text(json.dumps(report, indent=2))
         return result
 
-    groups = set((args.only or "env,plain,loads,diagnose,dbllm,cpp").split(","))
+    groups = set((args.only or "env,plain,loads,workarounds,diagnose,dbllm,cpp").split(","))
     if "env" in groups:
         record("env", run_step("env", out, 120))
     if "plain" in groups:
         record("compile_plain", run_step("compile_plain", out, args.timeout))
     if "loads" in groups:
         for name in LOAD_VARIANTS:
+            record(name, run_step(name, out, args.timeout))
+    if "workarounds" in groups:
+        for name in WORKAROUNDS:
             record(name, run_step(name, out, args.timeout))
     if "diagnose" in groups:
         record("inspect_package", inspect_package(out))
@@ -401,6 +432,7 @@ def main() -> int:
     loads = {n: report["steps"][n]["rc"] for n in LOAD_VARIANTS if n in report["steps"]}
     report["summary"] = {
         "plain_load_variants_rc": loads,
+        "workarounds_rc": {n: report["steps"][n]["rc"] for n in WORKAROUNDS if n in report["steps"]},
         "dbllm_python": report["steps"].get("dbllm_load", {}).get("rc"),
         "dbllm_cpp": report["steps"].get("cpp_run_dbllm", {}).get("rc"),
     }

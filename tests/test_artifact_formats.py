@@ -124,6 +124,14 @@ def test_aoti_cpu_package_runs_without_dbllm_compile(deployed_llama):
         print("same outputs")
     """, path, root / "reference.safetensors")
     assert "same outputs" in out
+    # the loader with the libstdc++ workaround (the GPU image's segfault) gives the same runner
+    from dbllm_compile.artifact.aoti import load_aoti, promote_libstdcxx
+
+    assert promote_libstdcxx() is None or "libstdc++" in promote_libstdcxx()
+    runner = load_aoti(path)
+    assert "dbllm.outputs" in runner.get_metadata()
+    with pytest.raises(FileNotFoundError, match="no AOTInductor package"):
+        load_aoti(root / "missing.pt2")
 
 
 def test_decomposition_is_bit_exact(mlp):

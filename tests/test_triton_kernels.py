@@ -223,3 +223,20 @@ def test_gpu_op_under_torch_compile_sees_the_kernel():
     f = torch.compile(lambda t: torch.ops.dbllm.db_linear_gpu(t, gw.qweight, gw.scales, bias, k, g) * 2,
                       fullgraph=True)
     assert_close(f(x), 2 * reference(x, packed, a1, a2, bias, k, g), torch.float16)
+
+
+@gpu_only
+def test_traced_gpu_op_tunes_its_static_shape(tmp_path, monkeypatch):
+    """A compiled decode step (static M) is tuned at trace time, not run with the default."""
+    from dbllm_compile.backends.triton import tuning
+
+    monkeypatch.setenv("DBLLM_TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_memory", None)
+    n, k, g = 1536, 1024, 64
+    packed, a1, a2, bias, _ = make_layer(n, k, g)
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16)
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    assert tuning.lookup(x.device, x.dtype, 1, n, k, g) is None
+    f = torch.compile(lambda t: torch.ops.dbllm.db_linear_gpu(t, gw.qweight, gw.scales, bias, k, g), fullgraph=True)
+    assert_close(f(x), reference(x, packed, a1, a2, bias, k, g), torch.float16)
+    assert tuning.lookup(x.device, x.dtype, 1, n, k, g) is not None

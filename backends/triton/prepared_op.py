@@ -7,8 +7,10 @@ once at load time with :func:`~.layout.to_gpu_layout` for the activation dtype. 
 ``dbllm::db_linear`` (a ``custom_op``, opaque to Inductor, repacking through a cache), this op
 is a ``torch.library.triton_op``: ``torch.compile`` sees the Triton kernels themselves and
 AOTInductor packages can embed them, and there is no weight cache. Kernel configurations come
-from the on-disk tuning cache (:mod:`.tuning`); an eager call on real CUDA tensors tunes a
-shape the cache lacks, a traced call uses the default configuration.
+from the on-disk tuning cache (:mod:`.tuning`); a shape the cache lacks is tuned on the first
+call: on the real inputs in eager mode, on synthetic inputs of the traced shapes while
+``torch.compile`` or export traces the op with a static batch (a symbolic batch gets the
+default configuration).
 
 On CPU (and for activations or group sizes the kernels do not cover) it computes
 ``F.linear(x, dequantize_gpu_layout(...))``, the torch reference of the same numbers.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from .launch import run_config
 from .layout import GpuWeights, dequantize_gpu_layout, supports_group_size
-from .tuning import choose, default_config, lookup
+from .tuning import choose, choose_traced
 
 __all__ = ["db_linear_gpu", "GPU_OP"]
 
@@ -58,8 +60,7 @@ def db_linear_gpu(
     if _is_real_cuda(x2):
         cfg = choose(x2, gw, bias)
     else:
-        cfg = lookup(x2.device, x2.dtype, m, n, in_features, group_size) or \
-            default_config(m, n, in_features, group_size)
+        cfg = choose_traced(x2.device, x2.dtype, m, n, in_features, group_size, bias is not None)
     y = run_config(x2, gw, bias, cfg, wrap=True)
     return y.reshape(*x.shape[:-1], n)
 

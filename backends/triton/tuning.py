@@ -24,13 +24,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .launch import KernelConfig, config_fits, interpreted, run_config
-from .layout import GpuWeights
+from dbllm_compile.reference.dual_binary import padded_in_features
 
-__all__ = ["m_bucket", "cache_key", "candidates", "default_config", "lookup", "choose", "cache_path"]
+from .launch import KernelConfig, config_fits, interpreted, run_config
+from .layout import K_ALIGN, GpuWeights
+
+__all__ = ["m_bucket", "cache_key", "candidates", "default_config", "lookup", "choose", "choose_traced", "cache_path"]
 
 FORMAT_VERSION = 1
 _lock = threading.Lock()
@@ -212,6 +215,30 @@ def choose(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None) -> Kerne
              f"({results[cfg.short()] * 1e3:.1f} us)")
         _store(x2.device, cache_key(x2.dtype, n, k, g, m), cfg)
     return cfg
+
+
+def choose_traced(device: torch.device, dtype: torch.dtype, m: Any, n: int, k: int, g: int,
+                  has_bias: bool) -> KernelConfig:
+    """The configuration for a traced call (``torch.compile``, export): the cached choice, else
+    tune now on synthetic CUDA inputs of the traced shapes (random codes and scales: the kernels'
+    speed does not depend on the values), else the default. ``m`` must be a concrete int to tune
+    (a symbolic batch gets the default of its hint-free bucket)."""
+    if not isinstance(m, int):
+        return default_config(16, n, k, g)
+    cfg = lookup(device, dtype, m, n, k, g)
+    if cfg is not None or device.type != "cuda" or interpreted() or not torch.cuda.is_available() \
+            or os.environ.get("DBLLM_TRITON_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return cfg or default_config(m, n, k, g)
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.no_grad():  # real tensors while the caller traces
+        k_alloc = -(-padded_in_features(k, g) // K_ALIGN) * K_ALIGN
+        gen = torch.Generator(device=device).manual_seed(0)
+        qweight = torch.randint(-2**31, 2**31 - 1, (n, k_alloc // 16), dtype=torch.int32, device=device, generator=gen)
+        scales = (torch.rand(n, k_alloc // g, 2, device=device, generator=gen) * 0.02).to(dtype)
+        x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+        bias = torch.zeros(n, device=device, dtype=dtype) if has_bias else None
+        return choose(x, GpuWeights(qweight, scales, k, g), bias)
 
 
 def _log(msg: str) -> None:

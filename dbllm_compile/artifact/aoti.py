@@ -38,7 +38,7 @@ from dbllm_compile.artifact.pt2 import _require_deployed, example_inputs_of
 from dbllm_compile.errors import ArtifactError
 from dbllm_compile.ops import DEPLOY_OP
 
-__all__ = ["FlatCall", "aoti_package", "use_gpu_kernels", "flat_export"]
+__all__ = ["FlatCall", "aoti_package", "use_gpu_kernels", "flat_export", "load_aoti", "promote_libstdcxx"]
 
 
 class FlatCall(torch.nn.Module):
@@ -205,3 +205,45 @@ def aoti_package(
     with atomic_file(path) as tmp:
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
     return path
+
+
+def promote_libstdcxx() -> str | None:
+    """Make the C++ runtime already loaded in this process global (``RTLD_GLOBAL``); returns its path.
+
+    Why: on the GPU image (torch 2.11, packages compiled by GCC 13 from ``/opt/gcc``) loading an
+    AOTInductor package from Python segfaulted while the same package ran from a C++ program.
+    The native stack (``benchmarks/gpu_aoti_check.py``, SIGSEGV handler) ends in
+    ``torch::aot_inductor::parse_device_str`` -> ``std::regex`` compilation -> locale facets
+    inside the package's ``wrapper.so``, which carries its own copy of libstdc++ code. A C++
+    program links libstdc++ into the global symbol scope, so the wrapper binds to that one;
+    Python loads torch (and its libstdc++) with ``RTLD_LOCAL``, so the wrapper ran its own copy,
+    whose locale state is not initialised. Promoting the loaded libstdc++ to the global scope
+    before the package's library is opened makes Python behave like the C++ program. Equivalent
+    without dbllm_compile: ``ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)`` before
+    ``aoti_load_package``, or ``LD_PRELOAD=<that libstdc++> python ...``.
+    """
+    import ctypes
+
+    path = None
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "libstdc++.so" in line:
+                    path = line.split()[-1]
+                    break
+    except OSError:
+        return None
+    if path is None:
+        return None
+    ctypes.CDLL(path, mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOLOAD", 0))
+    return path
+
+
+def load_aoti(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``torch._inductor.aoti_load_package(path, **kwargs)`` after :func:`promote_libstdcxx`
+    (the workaround for the segfault on the GPU image); returns the runner."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no AOTInductor package there (write one with aoti_package or "
+                                "`dbllm-compile export --format aoti`)")
+    promote_libstdcxx()
+    return torch._inductor.aoti_load_package(str(path), **kwargs)
