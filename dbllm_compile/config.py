@@ -70,7 +70,7 @@ class DBLLMConfig:
             parameter ``c`` (``[out, ceil(in/G)]``, float32 while training, stored in
             ``scale_dtype`` like ``a1``/``a2``), ``w = a1*b1 + a2*b2 + c``, initialised to the
             symmetric levels ``{-s_hi, -s_lo, s_lo, s_hi}`` by
-            :func:`~dbllm_compile.reference.dual_binary.init_sign_scales` (``init``,
+            :func:`~dbllm_compile.reference.sign_codebook.init_sign_scales` (``init``,
             ``init_grid_points`` and ``init_refine_iters`` apply to it). ``c`` is then trained
             freely with ``a1``/``a2``: the levels ``{c, c+a2, c+a1, c+a1+a2}`` form a strict
             superset of both codebooks (``c = 0`` is the binary form; symmetry is not enforced).

@@ -9,7 +9,7 @@ For every selected layer (a weight parameter and all linear sites that use it):
   are registered next to it, initialised by :func:`dbllm_compile.reference.init_scales`;
 - with ``codebook="sign"``, a third float32 parameter ``<weight>_c`` (same shape, the per-group
   offset), and all three are initialised by
-  :func:`dbllm_compile.reference.dual_binary.init_sign_scales` instead;
+  :func:`dbllm_compile.reference.sign_codebook.init_sign_scales` instead;
 - each site becomes ``dbllm.db_linear_train(x, weight, a1, a2, bias, G, scale_dtype)``, with
   ``c`` appended as the last argument for the sign codebook;
 - with ``activation_bits=4``, one ``dbllm.act_quant_train`` per distinct input is inserted
@@ -33,7 +33,8 @@ from torch import fx
 
 from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.ops import TRAIN_OP
-from dbllm_compile.reference.dual_binary import check_weight, init_scales, init_sign_scales, padded_in_features
+from dbllm_compile.reference.dual_binary import check_weight, init_scales, padded_in_features
+from dbllm_compile.reference.sign_codebook import init_sign_scales
 from dbllm_compile.passes.graph_analysis import (
     Block,
     dataflow_graph,

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dbllm_compile.reference import assign_bits, dequantize_bits, init_scales
-from dbllm_compile.reference.dual_binary import fake_quantize_weight, init_sign_scales
+from dbllm_compile.reference.dual_binary import fake_quantize_weight
+from dbllm_compile.reference.sign_codebook import init_sign_scales
 
 G = 64
 
