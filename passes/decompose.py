@@ -44,14 +44,14 @@ def db_linear_decomposed(
     Shapes: ``x [..., K]``, ``packed uint8 [2, N, K_pad/8]``, ``a1, a2 [N, K_pad/G]``,
     ``bias [N]`` or None, offset ``c [N, K_pad/G]`` or None; returns ``[..., N]`` in ``x.dtype``.
     """
-    _, n, c = packed.shape
+    _, n, row_bytes = packed.shape
     g = num_groups(in_features, group_size)
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
     bits = torch.bitwise_right_shift(packed.to(torch.int32).unsqueeze(-1), shifts).bitwise_and(1).to(torch.float32).reshape(2, n, g, group_size)
     w = a1.float().unsqueeze(-1) * bits[0] + a2.float().unsqueeze(-1) * bits[1]
     if c is not None:  # same float32 operation order as dequantize_bits: (a1*b1 + a2*b2) + c
         w = w + c.float().unsqueeze(-1)
-    w = w.reshape(n, c * 8)[:, :in_features]
+    w = w.reshape(n, row_bytes * 8)[:, :in_features]
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
