@@ -202,3 +202,26 @@ def test_cli_accepts_the_codebook_flag():
     assert parser.parse_args([]).codebook == "binary"
     with pytest.raises(SystemExit):
         parser.parse_args(["--codebook", "ternary"])
+
+
+def test_aoti_gpu_rewrite_adds_the_offset_after_the_kernel_op():
+    """``use_gpu_kernels`` (the CUDA AOTInductor path) on CPU: ``db_linear_gpu`` falls back to its
+    torch reference there, the offset term is appended as plain torch ops. fp16: two roundings
+    (kernel output, then the sum) against the reference's one, so 2 ulps of max |y|."""
+    pytest.importorskip("triton")
+    import copy
+
+    from dbllm_compile.artifact.aoti import use_gpu_kernels
+    from dbllm_compile.reference.linear import add_offset_term
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 96)).eval().half()
+    x = torch.randn(5, 64).half()
+    d = dc.convert(dc.quantize(mlp, (x,), DBLLMConfig(keep_head=False, codebook="sign"), progress=False), progress=False)
+    gm = copy.deepcopy(d.graph_module)
+    assert use_gpu_kernels(gm, torch.float16) == 2
+    assert sum(n.target is add_offset_term for n in gm.graph.nodes) == 2
+    with torch.no_grad():
+        y, ref = gm(x), d(x)
+    ulp = float(ref.abs().max()) * torch.finfo(torch.float16).eps
+    torch.testing.assert_close(y, ref, rtol=0, atol=2 * ulp)
