@@ -1,6 +1,7 @@
 """The two training stages: block-wise reconstruction, then end-to-end distillation.
 
-Both train only the dual-binary parameters: the scales ``a1``, ``a2`` always, the latent weights
+Both train only the dual-binary parameters: the scales ``a1``, ``a2`` (and the offset ``c`` of the
+sign codebook, with the scales' learning rate) always, the latent weights
 (through the straight-through estimator) when ``DistillConfig.train_latent``; every other
 parameter is frozen. Both checkpoint atomically and resume: a run killed at any point and
 started again with the same arguments ends with the same parameters as an uninterrupted run
