@@ -125,3 +125,25 @@ def test_dispatch_adds_the_offset_around_a_kernel(dtype):
     torch.testing.assert_close(got.double(), exact, rtol=4 * eps, atol=4 * eps * float(exact.abs().max()))
     y0 = torch.zeros(7, 12, dtype=dtype)
     assert kernel_with_offset(lambda: y0, x, None, k, G) is y0  # c=None: the kernel's output untouched
+
+
+def test_sign_grid_search_by_prefix_sums_equals_the_direct_search():
+    """The prefix-sum search picks the same (s_hi, s_lo) as evaluating every candidate on every
+    weight (the definition), here checked group by group on a small grid."""
+    from dbllm_compile.reference.sign_codebook import SIGN_RATIOS, _sign_grid_search
+
+    w = _w(n=6, k=128, seed=5)
+    w[0, :7] = 0.2  # repeated outliers: ties between candidates
+    mag = w.abs().reshape(6, 2, G)
+    top = mag.amax(-1, keepdim=True)
+    hi, lo = _sign_grid_search(mag, top, 12)
+    best = torch.full_like(top, float("inf"))
+    exp_hi, exp_lo = torch.zeros_like(top), torch.zeros_like(top)
+    for t in torch.linspace(1.0 / 12, 1.0, 12).tolist():
+        for rho in SIGN_RATIOS:
+            h = top * t
+            lw = h * torch.tensor(rho)
+            err = (mag - torch.where(mag < (lw + h) * 0.5, lw, h)).double().square().sum(-1, keepdim=True)
+            better = err < best
+            best, exp_hi, exp_lo = torch.where(better, err, best), torch.where(better, h, exp_hi), torch.where(better, lw, exp_lo)
+    assert torch.equal(hi, exp_hi) and torch.equal(lo, exp_lo)
