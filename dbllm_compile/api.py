@@ -11,7 +11,7 @@ from torch import fx
 
 from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.errors import DBLLMError
-from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, DEPLOY_OP, TRAIN_OP
+from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, DEPLOY_OP, TRAIN_OP, op_arguments
 from dbllm_compile.passes.export import export_model
 from dbllm_compile.passes.pack_linears import pack_linears
 from dbllm_compile.passes.quantize_linears import PassReport, quantize_linears
@@ -32,7 +32,8 @@ class SizeReport:
     Attributes:
         total_bytes: every parameter and buffer, at its dtype (tied tensors counted once).
         quantized_weights: number of weights held as dual-binary.
-        quantized_bytes: bytes of their packed bits plus scales (deploy form).
+        quantized_bytes: bytes of their packed bits plus scales (and offsets ``c`` of the sign
+            codebook) in the deploy form.
         bits_per_weight: ``8 * quantized_bytes / quantized_weights``.
     """
 
@@ -119,12 +120,14 @@ class DBLLMModel(torch.nn.Module):
         return obj
 
     def scale_parameters(self) -> Iterator[torch.nn.Parameter]:
-        """The learnable scales ``a1``, ``a2`` of every dual-binary layer (train stage)."""
+        """The learnable scales ``a1``, ``a2`` of every dual-binary layer, and the offset ``c`` of
+        each layer of the sign codebook (train stage): the per-group parameters, trained together."""
         self._require_stage("train", "scale_parameters")
         seen: set[str] = set()
         for node in self._op_nodes():
-            for arg in node.args[2:4]:
-                if arg.target not in seen:
+            args = op_arguments(node)
+            for arg in (args["a1"], args["a2"], args["c"]):
+                if arg is not None and arg.target not in seen:
                     seen.add(arg.target)
                     yield self._attr(arg.target)
 
@@ -165,7 +168,7 @@ class DBLLMModel(torch.nn.Module):
             nq += layer.in_features * layer.out_features
             groups = layer.padded_in_features // self.config.group_size
             qbytes += 2 * layer.out_features * layer.padded_in_features // 8
-            qbytes += 2 * layer.out_features * groups * scale_size
+            qbytes += self.config.scales_per_group * layer.out_features * groups * scale_size
         if self.stage == "train":  # count the deployed storage, not the latent weights
             latent = sum(p.numel() * p.element_size() for p in self.latent_parameters())
             scales = sum(p.numel() * p.element_size() for p in self.scale_parameters())

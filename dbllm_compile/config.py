@@ -16,13 +16,17 @@ import torch
 
 from dbllm_compile.errors import ConfigError
 
-__all__ = ["DBLLMConfig", "ACTIVATION_BITS", "CONFIG_VERSION", "SCALE_DTYPES"]
+__all__ = ["DBLLMConfig", "ACTIVATION_BITS", "CODEBOOKS", "CONFIG_VERSION", "SCALE_DTYPES"]
 
 CONFIG_VERSION = 1
-# Fields added later with defaults that reproduce the earlier behaviour (activation_bits) keep
-# the version: a version-1 dict without them still loads and means the same thing.
+# Fields added later with defaults that reproduce the earlier behaviour (activation_bits,
+# codebook) keep the version: a version-1 dict without them still loads and means the same thing.
 
 ACTIVATION_BITS = (16, 4)
+
+CODEBOOKS = ("binary", "sign")
+"""2-bit weight codebooks: DB-LLM's {0,1} form ``a1*b1 + a2*b2`` and LBLLM's sign form, carried as
+``a1*b1 + a2*b2 + c`` with a learnable per-group offset ``c``."""
 
 SCALE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -31,6 +35,7 @@ SCALE_DTYPES: dict[str, torch.dtype] = {
 }
 
 InitMethod = Literal["mse", "maxabs"]
+Codebook = Literal["binary", "sign"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,17 @@ class DBLLMConfig:
             rounds its scales to it in the forward pass (straight-through), so training and
             deployment compute the same function.
         dynamic: export with dynamic batch and sequence dimensions where the model allows.
+        codebook: the 2-bit weight codebook. ``"binary"`` (DB-LLM): ``w = a1*b1 + a2*b2``, levels
+            ``{0, a2, a1, a1+a2}`` per group. ``"sign"`` (LBLLM): a third learnable per-group
+            parameter ``c`` (``[out, ceil(in/G)]``, float32 while training, stored in
+            ``scale_dtype`` like ``a1``/``a2``), ``w = a1*b1 + a2*b2 + c``, initialised to the
+            symmetric levels ``{-s_hi, -s_lo, s_lo, s_hi}`` by
+            :func:`~dbllm_compile.reference.sign_codebook.init_sign_scales` (``init``,
+            ``init_grid_points`` and ``init_refine_iters`` apply to it). ``c`` is then trained
+            freely with ``a1``/``a2``: the levels ``{c, c+a2, c+a1, c+a1+a2}`` form a strict
+            superset of both codebooks (``c = 0`` is the binary form; symmetry is not enforced).
+            Costs one more stored scale per group: 2.75 bits per weight at G=64 with fp16 scales
+            (2.5 for ``"binary"``).
         activation_bits: ``16`` keeps the inputs of the quantized linears in full precision;
             ``4`` quantizes them dynamically per token to 4 bits with a learnable clipping
             ratio (:mod:`dbllm_compile.reference.activation`). Linears that read the same
@@ -82,6 +98,7 @@ class DBLLMConfig:
     scale_dtype: str = "float16"
     dynamic: bool = True
     activation_bits: int = 16
+    codebook: Codebook = "binary"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -128,11 +145,21 @@ class DBLLMConfig:
                 f"DBLLMConfig.activation_bits must be one of {list(ACTIVATION_BITS)}, got "
                 f"{self.activation_bits!r}; use 16 for full-precision activations or 4 for W(1+1)A4"
             )
+        if self.codebook not in CODEBOOKS:
+            raise ConfigError(
+                f"DBLLMConfig.codebook must be one of {list(CODEBOOKS)}, got {self.codebook!r}; use "
+                f"'binary' for DB-LLM's a1*b1 + a2*b2 or 'sign' for LBLLM's symmetric levels (+ offset c)"
+            )
         if self.version != CONFIG_VERSION:
             raise ConfigError(
                 f"DBLLMConfig.version {self.version!r} is not supported by this dbllm_compile "
                 f"(it reads version {CONFIG_VERSION}); upgrade dbllm_compile or re-create the config"
             )
+
+    @property
+    def scales_per_group(self) -> int:
+        """Stored parameters per output channel and group: 2 (``a1, a2``), 3 with the offset ``c``."""
+        return 3 if self.codebook == "sign" else 2
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -150,7 +177,9 @@ class DBLLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DBLLMConfig":
-        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error."""
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error, missing ones take
+        their defaults (a dict written before ``activation_bits`` or ``codebook`` existed loads as
+        ``16`` / ``"binary"``, which is what it meant)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,21 +1,30 @@
 """The dual-binary linear as ``torch.library`` operators (defined here and nowhere else).
 
-``torch.ops.dbllm.db_linear_train(x, weight, a1, a2, bias, group_size, scale_dtype)``
+``torch.ops.dbllm.db_linear_train(x, weight, a1, a2, bias, group_size, scale_dtype, c=None)``
     Training form. ``weight`` is the latent ``[N, K]`` weight, ``a1``/``a2`` the learnable
-    ``[N, ceil(K/G)]`` scales. Forward: nearest-level bits of the latent weight for the scales
-    rounded to ``scale_dtype``, ``y = x @ (a1*b1 + a2*b2).T + bias``. Backward:
+    ``[N, ceil(K/G)]`` scales, ``c`` the optional learnable ``[N, ceil(K/G)]`` offset of the sign
+    codebook (``None``: the {0,1} form, exactly as before the argument existed). Forward:
+    scales and offset rounded to ``scale_dtype``, nearest-level bits of ``weight - c``,
+    ``y = x @ (a1*b1 + a2*b2 + c).T + bias``. Backward:
 
     - ``dL/dx = dL/dy @ w_hat``
     - ``dL/dweight = dL/dw_hat`` (straight-through estimator through the bit assignment)
     - ``dL/da1[n, g] = sum_{k in g} dL/dw_hat[n, k] * b1[n, k]`` (and ``a2`` with ``b2``;
       straight through the rounding to ``scale_dtype``)
+    - ``dL/dc[n, g] = sum_{k in g, k < K} dL/dw_hat[n, k]`` (``d w_hat / d c = 1``; bits straight
+      through, as for the scales)
     - ``dL/dbias = sum of dL/dy`` over all leading dimensions.
 
-``torch.ops.dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size)``
+``torch.ops.dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size, c=None)``
     Deploy form: ``packed`` is ``uint8 [2, N, K_pad/8]`` in the reference layout of
-    :mod:`dbllm_compile.reference.packing`, ``a1``/``a2`` the stored scales. The weights are
-    frozen: the backward gives ``dL/dx = dL/dy @ w_hat`` and ``dL/dbias`` only (gradients through
-    a frozen 2-bit model, e.g. a model compiled with ``backend="dbllm"`` outside ``no_grad``).
+    :mod:`dbllm_compile.reference.packing`, ``a1``/``a2`` the stored scales, ``c`` the stored
+    offset (sign codebook) or ``None``. The weights are frozen: the backward gives
+    ``dL/dx = dL/dy @ w_hat`` and ``dL/dbias`` only (gradients through a frozen 2-bit model, e.g.
+    a model compiled with ``backend="dbllm"`` outside ``no_grad``).
+
+    ``c`` is the LAST argument and defaults to ``None`` so that call sites and saved graphs of
+    the {0,1} form keep their seven arguments. Passes read node arguments by name with
+    :func:`op_arguments`, never by position.
 
 ``torch.ops.dbllm.act_quant_train(x, clip_logit)`` / ``torch.ops.dbllm.act_quant(x, clip_ratio)``
     Dynamic per-token 4-bit activation quantization (fake quant: the output has the shape and
@@ -42,6 +51,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import fx
 
 from dbllm_compile.reference.activation import (
     clip_ratio_from_logit,
@@ -61,6 +71,7 @@ __all__ = [
     "act_quant_train",
     "db_linear",
     "db_linear_train",
+    "op_arguments",
     "ACT_QUANT_OP",
     "ACT_QUANT_TRAIN_OP",
     "DEPLOY_OP",
@@ -68,12 +79,21 @@ __all__ = [
 ]
 
 
-def _check_train_args(x, weight, a1, a2, bias, group_size) -> None:
+def _check_offset(op: str, c: torch.Tensor | None, n: int, g: int) -> None:
+    if c is not None:
+        torch._check(
+            tuple(c.shape) == (n, g),
+            lambda: f"{op}: offset c shape {tuple(c.shape)} != {(n, g)} (one per output channel and group)",
+        )
+
+
+def _check_train_args(x, weight, a1, a2, bias, group_size, c=None) -> None:
     n, k = weight.shape
     g = num_groups(k, group_size)
     torch._check(x.shape[-1] == k, lambda: f"db_linear_train: x has {x.shape[-1]} features, weight expects {k}")
     torch._check(tuple(a1.shape) == (n, g), lambda: f"db_linear_train: a1 shape {tuple(a1.shape)} != {(n, g)}")
     torch._check(tuple(a2.shape) == (n, g), lambda: f"db_linear_train: a2 shape {tuple(a2.shape)} != {(n, g)}")
+    _check_offset("db_linear_train", c, n, g)
     if bias is not None:
         torch._check(tuple(bias.shape) == (n,), lambda: f"db_linear_train: bias shape {tuple(bias.shape)} != {(n,)}")
 
@@ -87,21 +107,22 @@ def db_linear_train(
     bias: torch.Tensor | None,
     group_size: int,
     scale_dtype: torch.dtype,
+    c: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Training form of the dual-binary linear (see the module docstring)."""
-    _check_train_args(x, weight, a1, a2, bias, group_size)
-    return db_linear_train_reference(x, weight, a1, a2, bias, group_size, scale_dtype)
+    _check_train_args(x, weight, a1, a2, bias, group_size, c)
+    return db_linear_train_reference(x, weight, a1, a2, bias, group_size, scale_dtype, c)
 
 
 @db_linear_train.register_fake
-def _db_linear_train_fake(x, weight, a1, a2, bias, group_size, scale_dtype):
-    _check_train_args(x, weight, a1, a2, bias, group_size)
+def _db_linear_train_fake(x, weight, a1, a2, bias, group_size, scale_dtype, c=None):
+    _check_train_args(x, weight, a1, a2, bias, group_size, c)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _train_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, a1, a2, bias, group_size, scale_dtype = inputs
-    ctx.save_for_backward(x, weight, a1, a2)
+    x, weight, a1, a2, bias, group_size, scale_dtype, c = inputs
+    ctx.save_for_backward(x, weight, a1, a2, c)
     ctx.group_size = group_size
     ctx.scale_dtype = scale_dtype
     ctx.has_bias = bias is not None
@@ -109,15 +130,16 @@ def _train_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 
 def _train_backward(ctx: Any, grad_y: torch.Tensor):
-    x, weight, a1, a2 = ctx.saved_tensors
+    x, weight, a1, a2, c = ctx.saved_tensors
     g = ctx.group_size
     n, k = weight.shape
-    w_hat, b1, b2 = train_weight_reference(weight, a1, a2, g, ctx.scale_dtype)
-    grad_x = grad_w = grad_a1 = grad_a2 = grad_b = None
+    w_hat, b1, b2 = train_weight_reference(weight, a1, a2, g, ctx.scale_dtype, c)
+    grad_x = grad_w = grad_a1 = grad_a2 = grad_b = grad_c = None
+    needs_c = c is not None and ctx.needs_input_grad[7]
     gy2 = grad_y.reshape(-1, n)
     if ctx.needs_input_grad[0]:
         grad_x = (grad_y @ w_hat.to(grad_y.dtype)).to(x.dtype)
-    if any(ctx.needs_input_grad[1:4]):
+    if any(ctx.needs_input_grad[1:4]) or needs_c:
         acc = torch.promote_types(torch.float32, x.dtype)  # at least float32 accumulation
         grad_w_hat = gy2.to(acc).T @ x.reshape(-1, k).to(acc)  # [N, K]
         if ctx.needs_input_grad[1]:
@@ -128,15 +150,17 @@ def _train_backward(ctx: Any, grad_y: torch.Tensor):
             grad_a1 = (gw * b1.reshape(n, -1, g)).sum(-1).to(a1.dtype)
         if ctx.needs_input_grad[3]:
             grad_a2 = (gw * b2.reshape(n, -1, g)).sum(-1).to(a2.dtype)
+        if needs_c:  # padded features carry a zero gradient: only real ones count
+            grad_c = gw.sum(-1).to(c.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_b = gy2.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_a1, grad_a2, grad_b, None, None
+    return grad_x, grad_w, grad_a1, grad_a2, grad_b, None, None, grad_c
 
 
 db_linear_train.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 
-def _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size) -> None:
+def _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size, c=None) -> None:
     n = packed.shape[1]
     g = num_groups(in_features, group_size)
     torch._check(packed.dtype == torch.uint8, lambda: f"db_linear: packed must be uint8, got {packed.dtype}")
@@ -148,6 +172,7 @@ def _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size) -> None
     torch._check(x.shape[-1] == in_features, lambda: f"db_linear: x has {x.shape[-1]} features, layer expects {in_features}")
     torch._check(tuple(a1.shape) == (n, g), lambda: f"db_linear: a1 shape {tuple(a1.shape)} != {(n, g)}")
     torch._check(tuple(a2.shape) == (n, g), lambda: f"db_linear: a2 shape {tuple(a2.shape)} != {(n, g)}")
+    _check_offset("db_linear", c, n, g)
     if bias is not None:
         torch._check(tuple(bias.shape) == (n,), lambda: f"db_linear: bias shape {tuple(bias.shape)} != {(n,)}")
 
@@ -161,21 +186,22 @@ def db_linear(
     bias: torch.Tensor | None,
     in_features: int,
     group_size: int,
+    c: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Deploy form of the dual-binary linear (see the module docstring)."""
-    _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size)
-    return db_linear_packed_reference(x, packed, a1, a2, bias, in_features, group_size)
+    _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size, c)
+    return db_linear_packed_reference(x, packed, a1, a2, bias, in_features, group_size, c)
 
 
 @db_linear.register_fake
-def _db_linear_fake(x, packed, a1, a2, bias, in_features, group_size):
-    _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size)
+def _db_linear_fake(x, packed, a1, a2, bias, in_features, group_size, c=None):
+    _check_deploy_args(x, packed, a1, a2, bias, in_features, group_size, c)
     return x.new_empty((*x.shape[:-1], packed.shape[1]))
 
 
 def _deploy_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, packed, a1, a2, bias, in_features, group_size = inputs
-    ctx.save_for_backward(packed, a1, a2)
+    x, packed, a1, a2, bias, in_features, group_size, c = inputs
+    ctx.save_for_backward(packed, a1, a2, c)
     ctx.in_features, ctx.group_size = in_features, group_size
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -185,15 +211,15 @@ def _deploy_backward(ctx: Any, grad_y: torch.Tensor):
     from dbllm_compile.reference.dual_binary import dequantize_bits, padded_in_features
     from dbllm_compile.reference.packing import unpack_planes
 
-    packed, a1, a2 = ctx.saved_tensors
+    packed, a1, a2, c = ctx.saved_tensors
     grad_x = grad_b = None
     if ctx.needs_input_grad[0]:
         b1, b2 = unpack_planes(packed, padded_in_features(ctx.in_features, ctx.group_size))
-        w_hat = dequantize_bits(b1, b2, a1, a2, ctx.group_size)[:, : ctx.in_features]
+        w_hat = dequantize_bits(b1, b2, a1, a2, ctx.group_size, c)[:, : ctx.in_features]
         grad_x = (grad_y @ w_hat.to(grad_y.dtype)).to(ctx.x_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_b, None, None
+    return grad_x, None, None, None, grad_b, None, None, None
 
 
 db_linear.register_autograd(_deploy_backward, setup_context=_deploy_setup_context)
@@ -266,6 +292,27 @@ def _act_deploy_backward(ctx: Any, grad_y: torch.Tensor):
 
 
 act_quant.register_autograd(_act_deploy_backward, setup_context=_act_deploy_setup_context)
+
+
+def op_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a call to one of the ops above, by schema name (defaults filled in).
+
+    ``node.args``/``node.kwargs`` of a ``db_linear_train`` / ``db_linear`` node may or may not
+    hold the trailing ``c``; this is the one place that knows the schema order.
+
+    Example:
+        >>> # a = op_arguments(node); a["a1"], a["c"]   # c is None for the {0,1} form
+    """
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
 
 
 TRAIN_OP = torch.ops.dbllm.db_linear_train.default

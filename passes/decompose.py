@@ -11,6 +11,7 @@ bit-identical to the op on CPU:
 
     bits[p, n, 8c + j] = (int32(packed[p, n, c]) >> j) & 1        [2, N, K_pad] (LSB first)
     w[n, k]        = a1[n, k // G] * bits[0, n, k] + a2[n, k // G] * bits[1, n, k]   (float32)
+                     (+ c[n, k // G] for the sign codebook, the op's optional last argument)
     y              = x @ w[:, :K].to(x.dtype).T + bias
 
 The packed planes stay 2 bits per weight in the program; the dense weight exists only inside
@@ -36,18 +37,21 @@ def db_linear_decomposed(
     bias: torch.Tensor | None,
     in_features: int,
     group_size: int,
+    c: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dbllm.db_linear`` in plain ATen ops (see the module docstring).
 
     Shapes: ``x [..., K]``, ``packed uint8 [2, N, K_pad/8]``, ``a1, a2 [N, K_pad/G]``,
-    ``bias [N]`` or None; returns ``[..., N]`` in ``x.dtype``.
+    ``bias [N]`` or None, offset ``c [N, K_pad/G]`` or None; returns ``[..., N]`` in ``x.dtype``.
     """
-    _, n, c = packed.shape
+    _, n, row_bytes = packed.shape
     g = num_groups(in_features, group_size)
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
     bits = torch.bitwise_right_shift(packed.to(torch.int32).unsqueeze(-1), shifts).bitwise_and(1).to(torch.float32).reshape(2, n, g, group_size)
     w = a1.float().unsqueeze(-1) * bits[0] + a2.float().unsqueeze(-1) * bits[1]
-    w = w.reshape(n, c * 8)[:, :in_features]
+    if c is not None:  # same float32 operation order as dequantize_bits: (a1*b1 + a2*b2) + c
+        w = w + c.float().unsqueeze(-1)
+    w = w.reshape(n, row_bytes * 8)[:, :in_features]
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 

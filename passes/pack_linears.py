@@ -3,9 +3,12 @@
 For each ``dbllm.db_linear_train`` node: the scales are rounded to ``scale_dtype`` and stored
 as buffers, the bits are assigned from the latent weight exactly as the training op's forward
 does and packed (:mod:`dbllm_compile.reference.packing`), and the node becomes
-``dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size)``. Latent weights and
-float32 scales are removed afterwards, so the deployed module holds 2 bits per weight plus the
-scales. The training and deploy forms then compute bit-identical outputs.
+``dbllm.db_linear(x, packed, a1, a2, bias, in_features, group_size)``. A node of the sign
+codebook (its last argument is the offset ``c``) keeps it: ``c`` is rounded and stored like the
+scales (``<weight>_c_<dtype>``), the bits are those of ``w - c`` (the sign-form bits), and the
+deploy node gets ``c`` as its last argument. Latent weights and float32 scales are removed
+afterwards, so the deployed module holds 2 bits per weight plus the scales (and offsets). The
+training and deploy forms then compute bit-identical outputs.
 
 Each ``dbllm.act_quant_train(x, clip_logit)`` node (``activation_bits=4``) becomes
 ``dbllm.act_quant(x, clip_ratio)`` with the float32 buffer ``<clip>_ratio = sigmoid(clip_logit)``
@@ -20,7 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import fx
 
-from dbllm_compile.ops import ACT_QUANT_OP, ACT_QUANT_TRAIN_OP, DEPLOY_OP, TRAIN_OP
+from dbllm_compile.ops import ACT_QUANT_OP, ACT_QUANT_TRAIN_OP, DEPLOY_OP, TRAIN_OP, op_arguments
 from dbllm_compile.reference.activation import clip_ratio_from_logit
 from dbllm_compile.reference.linear import train_weight_reference
 from dbllm_compile.reference.packing import pack_planes
@@ -76,46 +79,49 @@ def pack_linears(
     """Convert every training-form node of ``gm`` in place; returns what was packed.
 
     With ``structure_only=True`` no bit is computed: the packed planes ``uint8 [2, N, K_pad/8]``
-    and the scales ``[N, ceil(K/G)]`` are zeros of the right shapes and dtypes, on the latent
-    weight's device (placeholders for tensors loaded from an artifact afterwards).
+    and the scales (and offsets) ``[N, ceil(K/G)]`` are zeros of the right shapes and dtypes, on
+    the latent weight's device (placeholders for tensors loaded from an artifact afterwards).
     """
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == TRAIN_OP]
-    training_attrs = {arg.target for n in nodes for arg in n.args[1:4]}
-    done: dict[str, tuple[str, str, str, PackedLayer]] = {}
+    training_attrs: set[str] = set()
+    done: dict[str, tuple[list[str], PackedLayer]] = {}
     iterator: Iterable = nodes if progress is None else progress(nodes)
     for node in iterator:
-        x, w_node, a1_node, a2_node, bias, group_size, scale_dtype = node.args
-        target = w_node.target
+        a = op_arguments(node)
+        group_size, scale_dtype, c_node = a["group_size"], a["scale_dtype"], a["c"]
+        target = a["weight"].target
+        training_attrs.update(n.target for n in (a["weight"], a["a1"], a["a2"], c_node) if n is not None)
         if target not in done:
             weight = get_attr_value(gm, target)
-            a1 = get_attr_value(gm, a1_node.target)
-            a2 = get_attr_value(gm, a2_node.target)
+            a1 = get_attr_value(gm, a["a1"].target)
+            a2 = get_attr_value(gm, a["a2"].target)
+            c = None if c_node is None else get_attr_value(gm, c_node.target)
             if structure_only:
                 k_pad = a1.shape[1] * group_size
                 packed = torch.zeros((2, weight.shape[0], k_pad // 8), dtype=torch.uint8, device=weight.device)
             else:
-                _, b1, b2 = train_weight_reference(weight, a1, a2, group_size, scale_dtype)
+                _, b1, b2 = train_weight_reference(weight, a1, a2, group_size, scale_dtype, c)
                 packed = pack_planes(b1, b2)
-            s1 = a1.detach().to(scale_dtype)
-            s2 = a2.detach().to(scale_dtype)
-            names = (f"{target}_packed", f"{target}_a1_{str(scale_dtype).split('.')[-1]}",
-                     f"{target}_a2_{str(scale_dtype).split('.')[-1]}")
-            _set_attr(gm, names[0], packed, parameter=False)
-            _set_attr(gm, names[1], s1, parameter=False)
-            _set_attr(gm, names[2], s2, parameter=False)
+            suffix = str(scale_dtype).split(".")[-1]
+            stored = {f"{target}_packed": packed, f"{target}_a1_{suffix}": a1.detach().to(scale_dtype),
+                      f"{target}_a2_{suffix}": a2.detach().to(scale_dtype)}
+            if c is not None:
+                stored[f"{target}_c_{suffix}"] = c.detach().to(scale_dtype)
+            for name, value in stored.items():
+                _set_attr(gm, name, value, parameter=False)
             layer = PackedLayer(
                 weight=target,
                 out_features=weight.shape[0],
                 in_features=weight.shape[1],
                 packed_bytes=packed.numel(),
-                scale_bytes=s1.numel() * s1.element_size() * 2,
+                scale_bytes=sum(t.numel() * t.element_size() for t in list(stored.values())[1:]),
             )
-            done[target] = (*names, layer)
-        packed_t, a1_t, a2_t, layer = done[target]
+            done[target] = (list(stored), layer)
+        names, layer = done[target]
         with gm.graph.inserting_before(node):
-            args = [gm.graph.get_attr(t) for t in (packed_t, a1_t, a2_t)]
+            packed_n, a1_n, a2_n, *c_n = (gm.graph.get_attr(t) for t in names)
             new = gm.graph.call_function(
-                DEPLOY_OP, (x, *args, bias, layer.in_features, group_size)
+                DEPLOY_OP, (a["x"], packed_n, a1_n, a2_n, a["bias"], layer.in_features, group_size, *c_n)
             )
         replace_node(gm, node, new)
     training_attrs |= _convert_activation_quant(gm)
@@ -125,4 +131,4 @@ def pack_linears(
         _remove_attr(gm, target)
     gm.graph.lint()
     gm.recompile()
-    return [v[3] for v in done.values()]
+    return [v[1] for v in done.values()]

@@ -7,7 +7,11 @@ For every selected layer (a weight parameter and all linear sites that use it):
   modified;
 - two float32 parameters ``<weight>_a1`` and ``<weight>_a2`` of shape ``[out, ceil(in/G)]``
   are registered next to it, initialised by :func:`dbllm_compile.reference.init_scales`;
-- each site becomes ``dbllm.db_linear_train(x, weight, a1, a2, bias, G, scale_dtype)``;
+- with ``codebook="sign"``, a third float32 parameter ``<weight>_c`` (same shape, the per-group
+  offset), and all three are initialised by
+  :func:`dbllm_compile.reference.sign_codebook.init_sign_scales` instead;
+- each site becomes ``dbllm.db_linear_train(x, weight, a1, a2, bias, G, scale_dtype)``, with
+  ``c`` appended as the last argument for the sign codebook;
 - with ``activation_bits=4``, one ``dbllm.act_quant_train`` per distinct input is inserted
   before the linears (shared by siblings such as q/k/v), see
   :mod:`dbllm_compile.passes.activation_quant`.
@@ -30,6 +34,7 @@ from torch import fx
 from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.ops import TRAIN_OP
 from dbllm_compile.reference.dual_binary import check_weight, init_scales, padded_in_features
+from dbllm_compile.reference.sign_codebook import init_sign_scales
 from dbllm_compile.passes.graph_analysis import (
     Block,
     dataflow_graph,
@@ -60,7 +65,7 @@ class QuantizedLayer:
     out_features: int
     padded_in_features: int
     init_mse: float
-    mirrored_fraction: float
+    mirrored_fraction: float  # NaN for the sign codebook (it has no mirrored grid)
 
 
 @dataclass
@@ -230,13 +235,26 @@ def select_linears(gm: fx.GraphModule, config: DBLLMConfig) -> tuple[PassReport,
 class _PlaceholderInit:
     a1: torch.Tensor
     a2: torch.Tensor
+    c: torch.Tensor | None
 
 
-def _placeholder_init(latent: torch.Tensor, group_size: int) -> _PlaceholderInit:
-    """Zero scales ``[N, ceil(K/G)]`` on the weight's device (``structure_only``)."""
+def _placeholder_init(latent: torch.Tensor, group_size: int, with_offset: bool) -> _PlaceholderInit:
+    """Zero scales (and offset) ``[N, ceil(K/G)]`` on the weight's device (``structure_only``)."""
     n, k = latent.shape
     shape = (n, -(-k // group_size))
-    return _PlaceholderInit(torch.zeros(shape, device=latent.device), torch.zeros(shape, device=latent.device))
+    zeros = lambda: torch.zeros(shape, device=latent.device)  # noqa: E731
+    return _PlaceholderInit(zeros(), zeros(), zeros() if with_offset else None)
+
+
+def _init_layer(latent: torch.Tensor, config: DBLLMConfig, name: str) -> tuple[Any, float]:
+    """Initial parameters of one layer for the configured codebook: ``(init, mirrored fraction)``;
+    ``init`` has ``a1``, ``a2``, ``mse`` and, for the sign codebook, ``c``."""
+    kwargs = dict(method=config.init, grid_points=config.init_grid_points,
+                  refine_iters=config.init_refine_iters, name=name)
+    if config.codebook == "sign":
+        return init_sign_scales(latent, config.group_size, **kwargs), float("nan")
+    init = init_scales(latent, config.group_size, **kwargs)
+    return init, float(init.mirrored.float().mean())
 
 
 def quantize_linears(
@@ -272,32 +290,29 @@ def quantize_linears(
         site = group[0]
         weight = get_attr_value(gm, target).detach()
         latent = (weight if site.layout == "nk" else weight.t()).contiguous().clone()
+        with_offset = config.codebook == "sign"
         if structure_only:
-            init = _placeholder_init(latent, G)
+            init: Any = _placeholder_init(latent, G, with_offset)
+            mirrored = float("nan")
         else:
             check_weight(latent, site.name)
-            init = init_scales(
-                latent,
-                G,
-                method=config.init,
-                grid_points=config.init_grid_points,
-                refine_iters=config.init_refine_iters,
-                name=site.name,
-            )
-        a1_target, a2_target = f"{target}_a1", f"{target}_a2"
+            init, mirrored = _init_layer(latent, config, site.name)
+        a1_target, a2_target, c_target = f"{target}_a1", f"{target}_a2", f"{target}_c"
         _set_attr(gm, target, latent, parameter=True)
         _set_attr(gm, a1_target, init.a1.float(), parameter=True)
         _set_attr(gm, a2_target, init.a2.float(), parameter=True)
+        if with_offset:
+            _set_attr(gm, c_target, init.c.float(), parameter=True)
         for s in group:
             node = s.node
             with gm.graph.inserting_before(node):
                 w_node = gm.graph.get_attr(target)
                 a1_node = gm.graph.get_attr(a1_target)
                 a2_node = gm.graph.get_attr(a2_target)
-                new = gm.graph.call_function(
-                    TRAIN_OP,
-                    (s.x, w_node, a1_node, a2_node, s.bias, G, config.torch_scale_dtype),
-                )
+                args = (s.x, w_node, a1_node, a2_node, s.bias, G, config.torch_scale_dtype)
+                if with_offset:  # c is the op's last argument; the {0,1} form keeps seven
+                    args = (*args, gm.graph.get_attr(c_target))
+                new = gm.graph.call_function(TRAIN_OP, args)
             replace_node(gm, node, new)
         k_pad = padded_in_features(site.in_features, G)
         if k_pad != site.in_features:
@@ -316,7 +331,7 @@ def quantize_linears(
                 out_features=site.out_features,
                 padded_in_features=k_pad,
                 init_mse=float("nan") if structure_only else float(init.mse.mean()),
-                mirrored_fraction=float("nan") if structure_only else float(init.mirrored.float().mean()),
+                mirrored_fraction=mirrored,
             )
         )
     if config.activation_bits == 4:

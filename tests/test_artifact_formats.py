@@ -134,11 +134,13 @@ def test_aoti_cpu_package_runs_without_dbllm_compile(deployed_llama):
         load_aoti(root / "missing.pt2")
 
 
-def test_decomposition_is_bit_exact(mlp):
+@pytest.mark.parametrize("codebook", ["binary", "sign"])
+def test_decomposition_is_bit_exact(mlp, codebook):
     from dbllm_compile.passes.decompose import decompose_dual_binary
 
     x = torch.randn(5, 64)
-    deployed = dc.convert(dc.quantize(mlp, (x,), dc.DBLLMConfig(keep_head=False), progress=False), progress=False)
+    config = dc.DBLLMConfig(keep_head=False, codebook=codebook)
+    deployed = dc.convert(dc.quantize(mlp, (x,), config, progress=False), progress=False)
     ep = decompose_dual_binary(torch.export.export(deployed.graph_module, (x,), strict=False))
     assert not any(str(n.target).startswith("dbllm.") for n in ep.graph.nodes)
     assert torch.equal(ep.module()(x), deployed(x))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dbllm_compile.artifact.format import ARTIFACT_VERSION
 from dbllm_compile.cli import main
 
 
@@ -29,7 +30,7 @@ def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
     run_dir = out.with_name("out-run")
     assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "loss.png").is_file()
     manifest = json.loads((out / "dbllm.json").read_text())
-    assert manifest["format_version"] == 2 and len(manifest["layers"]) == 14
+    assert manifest["format_version"] == ARTIFACT_VERSION and len(manifest["layers"]) == 14
     assert (out / "model.safetensors").stat().st_size > 0
     assert "results" in manifest
 

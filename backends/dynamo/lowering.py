@@ -8,11 +8,16 @@ weight (on-the-fly mode, :func:`quantize_graph`) in the GPU layout) or ``dbllm::
                                                (otherwise), weights quantized once and cached
 ``dbllm::db_linear`` (from ``convert()``)      ``dbllm::db_linear_gpu`` on CUDA with fp16/bf16
                                                activations (weights repacked once); unchanged
-                                               elsewhere
+                                               elsewhere and for the sign codebook (offset ``c``)
 ``dbllm::db_linear_train`` (from ``quantize()``) :func:`db_linear_train_decomposed` (plain torch
                                                ops, straight-through estimators) so Inductor
                                                fuses it; unchanged with ``decompose_train=False``
 =============================================  ==============================================
+
+Sign codebook (``options["codebook"] = "sign"``, or an op carrying the offset ``c``): the layer
+stays on ``dbllm::db_linear`` with ``c`` as its last argument; on CUDA its dispatcher runs the
+Triton kernel and adds the offset term after it (:mod:`dbllm_compile.backends.triton.dispatch`).
+``dbllm::db_linear_gpu`` has no offset argument (its kernels are being rewritten separately).
 
 Both rewrites keep the calling convention of the graph (placeholders stay, possibly unused),
 add the quantized weights as buffers of the graph module (Inductor and AOTAutograd treat them
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from dbllm_compile.errors import GraphPassError
-from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
+from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP, op_arguments
 from dbllm_compile.passes.dynamo_graph import normalize_dynamo_graph, restore_parameter_inputs
 from dbllm_compile.passes.linear_match import get_attr_value
 from dbllm_compile.passes.quantize_linears import replace_node, select_linears
@@ -108,15 +113,19 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
             site = group[0]
             param = get_attr_value(gm, target)
             form = _gpu_form(site.x.meta.get("val"), param.device, opts)
+            if config.codebook == "sign":
+                form = None  # db_linear_gpu has no offset: the dispatcher adds it (module docstring)
             if target in artifact:
-                packed, a1, a2, g_art = artifact[target]
+                packed, a1, a2, g_art, c = artifact[target]
                 if g_art != G:
                     raise GraphPassError(
                         f"artifact layer {target!r} has group_size {g_art}, the backend options say {G}; "
                         f"pass options={{'group_size': {g_art}}}"
                     )
+                if c is not None:
+                    form = None
                 if form is None:
-                    value: Any = (packed, a1, a2)
+                    value: Any = (packed, a1, a2) if c is None else (packed, a1, a2, c)
                 else:
                     from dbllm_compile.backends.triton import to_gpu_layout
 
@@ -126,9 +135,9 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
             else:
                 value, hit = quantized_weights(param, site.layout, config, "reference" if form is None else form, site.name)
             record.weight_cache_hits += int(hit)
-            if form is None:
+            if form is None:  # (packed, a1, a2) or (packed, a1, a2, c)
                 names = [_register_buffer(gm, f"{target}_dbllm_{part}", t)
-                         for part, t in zip(("packed", "a1", "a2"), value)]
+                         for part, t in zip(("packed", "a1", "a2", "c"), value)]
                 op = DEPLOY_OP
             else:
                 names = [_register_buffer(gm, f"{target}_dbllm_{part}", t)
@@ -138,7 +147,8 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
                 node = s.node
                 with gm.graph.inserting_before(node):
                     args = [gm.graph.get_attr(n) for n in names]
-                    new = gm.graph.call_function(op, (s.x, *args, s.bias, s.in_features, G))
+                    offset = args[3:]  # the sign codebook's c goes last
+                    new = gm.graph.call_function(op, (s.x, *args[:3], s.bias, s.in_features, G, *offset))
                 replace_node(gm, node, new)
             record.rewritten.append(site.name)
     finally:
@@ -147,20 +157,23 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
 
 
 def db_linear_train_decomposed(x: torch.Tensor, weight: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor,
-                               bias: torch.Tensor | None, group_size: int, scale_dtype: torch.dtype) -> torch.Tensor:
+                               bias: torch.Tensor | None, group_size: int, scale_dtype: torch.dtype,
+                               c: torch.Tensor | None = None) -> torch.Tensor:
     """``dbllm::db_linear_train`` as plain torch ops (same forward values, same gradients).
 
     - scales rounded to ``scale_dtype`` straight through: ``a + (round(a) - a).detach()`` (exact:
       ``round(a) - a`` is exact by Sterbenz's lemma, so the sum is ``round(a)``);
     - bits: :func:`~dbllm_compile.reference.dual_binary.assign_bits` on detached values;
     - ``w_hat`` from :func:`~dbllm_compile.reference.dual_binary.dequantize_bits`, so
-      ``dL/da1 = sum_group dL/dw_hat * b1`` by autograd;
+      ``dL/da1 = sum_group dL/dw_hat * b1`` by autograd (and ``dL/dc = sum_group dL/dw_hat`` for
+      the sign codebook's offset, rounded straight through like the scales);
     - latent weight straight through: ``w_hat + (weight - weight.detach())`` (adds an exact 0).
     """
     s1 = a1 + (a1.to(scale_dtype).float() - a1).detach()
     s2 = a2 + (a2.to(scale_dtype).float() - a2).detach()
-    b1, b2 = assign_bits(weight.detach(), s1.detach(), s2.detach(), group_size)
-    w_hat = dequantize_bits(b1, b2, s1, s2, group_size)[:, : weight.shape[1]]
+    sc = None if c is None else c + (c.to(scale_dtype).float() - c).detach()
+    b1, b2 = assign_bits(weight.detach(), s1.detach(), s2.detach(), group_size, None if sc is None else sc.detach())
+    w_hat = dequantize_bits(b1, b2, s1, s2, group_size, sc)[:, : weight.shape[1]]
     w_ste = w_hat + (weight - weight.detach()).float()
     return F.linear(x, w_ste.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -190,7 +203,9 @@ def lower_dbllm_ops(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
             else:
                 record.lowered["db_linear_train"] += 1
         elif node.target == DEPLOY_OP:
-            x, packed, a1, a2, bias, in_features, group_size = node.args
+            op_args = op_arguments(node)
+            x, packed, a1, a2, bias = (op_args[k] for k in ("x", "packed", "a1", "a2", "bias"))
+            in_features, group_size = op_args["in_features"], op_args["group_size"]
             x_val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
             tensors = [values.get(a) if isinstance(a, fx.Node) else None for a in (packed, a1, a2)]
             device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else torch.device("cpu")
@@ -199,6 +214,12 @@ def lower_dbllm_ops(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
 
             if form is not None and not supports_group_size(group_size):
                 form = None
+            if op_args["c"] is not None:
+                if device.type == "cuda":
+                    record.fallbacks.append((node.name, "sign codebook (offset c): kept on dbllm::db_linear, whose "
+                                             "dispatcher adds the offset term after the Triton kernel"))
+                record.lowered["db_linear"] += 1
+                continue
             if form is None:
                 record.lowered["db_linear"] += 1
                 if device.type == "cuda":

@@ -31,7 +31,7 @@ class CompileOptions:
 
     Args:
         group_size, include, exclude, keep_head, init, init_grid_points, init_refine_iters,
-            scale_dtype: as in :class:`dbllm_compile.DBLLMConfig`, for the linears the backend
+            scale_dtype, codebook: as in :class:`dbllm_compile.DBLLMConfig`, for the linears the backend
             quantizes on the fly. ``init`` defaults to ``"mse"`` (per-group error minimisation);
             ``"maxabs"`` is much faster to compute but about 500x worse in perplexity on
             SmolLM2-135M: use it for speed measurements only.
@@ -78,6 +78,7 @@ class CompileOptions:
     init_grid_points: int = 48
     init_refine_iters: int = 0
     scale_dtype: str = "float16"
+    codebook: str = "binary"
     activations: str = "a16"
     quantize: str = "auto"
     artifact: str | None = None
@@ -165,4 +166,5 @@ class CompileOptions:
             init_grid_points=self.init_grid_points,
             init_refine_iters=self.init_refine_iters,
             scale_dtype=self.scale_dtype,
+            codebook=self.codebook,  # type: ignore[arg-type]
         )

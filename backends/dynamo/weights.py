@@ -10,7 +10,8 @@ and an in-place update of the parameter (``param._version`` changes) re-quantize
 Forms:
 
 - ``"reference"``: ``(packed uint8 [2, N, K_pad/8], a1, a2)`` with the scales in the stored
-  ``scale_dtype``: what ``dbllm::db_linear`` reads (CPU, and CUDA through the dispatcher).
+  ``scale_dtype``: what ``dbllm::db_linear`` reads (CPU, and CUDA through the dispatcher); with
+  ``codebook="sign"`` ``(packed, a1, a2, c)`` (the offset, same shape and dtype as the scales).
 - a float dtype (``torch.float16`` / ``torch.bfloat16``): the GPU layout
   (:class:`~dbllm_compile.backends.triton.GpuWeights`) for activations of that dtype, what
   ``dbllm::db_linear_gpu`` reads. The reference-layout planes are not kept on the GPU.
@@ -28,7 +29,8 @@ import torch
 
 from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.errors import ConfigError
-from dbllm_compile.reference.dual_binary import check_weight, init_scales
+from dbllm_compile.passes.quantize_linears import _init_layer
+from dbllm_compile.reference.dual_binary import check_weight
 from dbllm_compile.reference.linear import train_weight_reference
 from dbllm_compile.reference.packing import pack_planes
 
@@ -48,11 +50,11 @@ def _quantize(param: torch.Tensor, layout: str, config: DBLLMConfig, name: str):
     weight = param.detach()
     latent = weight if layout == "nk" else weight.t()
     check_weight(latent, name)
-    init = init_scales(latent, config.group_size, method=config.init, grid_points=config.init_grid_points,
-                       refine_iters=config.init_refine_iters, name=name)
+    init, _ = _init_layer(latent, config, name)  # the same initialisation as quantize()
+    c = getattr(init, "c", None)
     sd = config.torch_scale_dtype
-    _, b1, b2 = train_weight_reference(latent, init.a1, init.a2, config.group_size, sd)
-    return pack_planes(b1, b2), init.a1.to(sd), init.a2.to(sd)
+    _, b1, b2 = train_weight_reference(latent, init.a1, init.a2, config.group_size, sd, c)
+    return pack_planes(b1, b2), init.a1.to(sd), init.a2.to(sd), None if c is None else c.to(sd)
 
 
 def quantized_weights(param: torch.Tensor, layout: str, config: DBLLMConfig, form: Any, name: str) -> tuple[Any, bool]:
@@ -62,16 +64,19 @@ def quantized_weights(param: torch.Tensor, layout: str, config: DBLLMConfig, for
     give the same weight with the same config: same initialisation, same rounding of the scales.
     """
     key = (id(param), layout, config.group_size, config.init, config.init_grid_points,
-           config.init_refine_iters, config.scale_dtype, form)
+           config.init_refine_iters, config.scale_dtype, config.codebook, form)
     entry = _cache.get(key)
     if entry is not None:
         ref, version, value = entry
         if ref() is param and version == param._version:
             return value, True
-    packed, a1, a2 = _quantize(param, layout, config, name)
+    packed, a1, a2, c = _quantize(param, layout, config, name)
     if form == "reference":
-        value: Any = (packed, a1, a2)
+        value: Any = (packed, a1, a2) if c is None else (packed, a1, a2, c)
     else:
+        if c is not None:
+            raise ConfigError(f"layer {name!r}: the GPU layout has no offset; the sign codebook runs on "
+                              "dbllm::db_linear (form 'reference')")
         from dbllm_compile.backends.triton import to_gpu_layout
 
         in_features = param.shape[1] if layout == "nk" else param.shape[0]
@@ -94,8 +99,9 @@ def weight_cache_size() -> int:
     return len(_cache)
 
 
-def load_artifact_layers(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """Trained layers of an artifact: ``{weight name: (packed, a1, a2, group_size)}``.
+def load_artifact_layers(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Any]]:
+    """Trained layers of an artifact: ``{weight name: (packed, a1, a2, group_size, c)}`` (``c`` the
+    sign codebook's offset, or None).
 
     The hook of ``options["artifact"]``. Contract: weight names are module paths of the weight
     parameter as the model names it (``model.layers.0.self_attn.q_proj.weight``, the same names

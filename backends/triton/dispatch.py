@@ -17,6 +17,17 @@
 Falls back to the reference (dequantize + ``F.linear``, on the GPU) for what the kernels do not
 cover: activations other than fp16/bf16, group sizes that are not a multiple of 16 dividing 1024,
 and a missing Triton.
+
+Sign codebook (the optional last argument ``c``, ``[N, n_groups]``): the kernels compute
+``x @ (a1*b1 + a2*b2).T + bias`` and know nothing of ``c``; the offset's share is added outside
+them, :func:`~dbllm_compile.reference.linear.add_offset_term`:
+
+    y = (y_kernel.float() + x_sums @ c.float().T).to(y_kernel.dtype)
+    x_sums[m, g] = sum of x[m, k] over the real features k of group g   (float32, [M, n_groups])
+
+Padded features (``K < K_pad``) have bits 0 and no ``x``: zero-padding ``x`` before the group
+sum counts exactly the real ones. Cost: one [M, K] reduction and one [M, n_groups] x
+[n_groups, N] matmul (1/G of the main one) per call, in plain torch ops.
 """
 
 from __future__ import annotations
@@ -26,11 +37,11 @@ import weakref
 
 import torch
 
-from dbllm_compile.reference.linear import db_linear_packed_reference
+from dbllm_compile.reference.linear import add_offset_term, db_linear_packed_reference
 
 from .layout import GpuWeights, supports_group_size, to_gpu_layout
 
-__all__ = ["db_linear_cuda", "prepare_cached", "clear_cache", "cache_size", "kernel_supported"]
+__all__ = ["db_linear_cuda", "kernel_with_offset", "prepare_cached", "clear_cache", "cache_size", "kernel_supported"]
 
 _cache: dict[tuple, tuple] = {}
 _cache_lock = threading.Lock()
@@ -97,9 +108,21 @@ def linear_prepared(x: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None) 
 
 
 def db_linear_cuda(x: torch.Tensor, packed: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor,
-                   bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
+                   bias: torch.Tensor | None, in_features: int, group_size: int,
+                   c: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA kernel of ``dbllm::db_linear`` (same semantics as the reference; see module doc)."""
     if not kernel_supported(x, group_size):
-        return db_linear_packed_reference(x, packed, a1, a2, bias, in_features, group_size)
+        return db_linear_packed_reference(x, packed, a1, a2, bias, in_features, group_size, c)
     gw = prepare_cached(packed, a1, a2, in_features, group_size, x.dtype)
-    return linear_prepared(x, gw, bias)
+    return kernel_with_offset(lambda: linear_prepared(x, gw, bias), x, c, in_features, group_size)
+
+
+def kernel_with_offset(kernel, x: torch.Tensor, c: torch.Tensor | None, in_features: int,
+                       group_size: int) -> torch.Tensor:
+    """``kernel()`` (the ``a1*b1 + a2*b2`` linear, bias included), plus the offset term when
+    ``c`` is given (module docstring). Pure torch around the kernel: tested on CPU with the
+    reference as the kernel."""
+    y = kernel()
+    if c is None:
+        return y
+    return add_offset_term(y, x, c, in_features, group_size)

@@ -36,7 +36,8 @@ from dbllm_compile.api import DBLLMModel
 from dbllm_compile.artifact.atomic import atomic_file
 from dbllm_compile.artifact.pt2 import _require_deployed, example_inputs_of
 from dbllm_compile.errors import ArtifactError
-from dbllm_compile.ops import DEPLOY_OP
+from dbllm_compile.ops import DEPLOY_OP, op_arguments
+from dbllm_compile.reference.linear import add_offset_term
 
 __all__ = ["FlatCall", "aoti_package", "use_gpu_kernels", "flat_export", "load_aoti", "promote_libstdcxx"]
 
@@ -76,7 +77,9 @@ def use_gpu_kernels(gm: fx.GraphModule, activation_dtype: torch.dtype) -> int:
     The packed planes ``uint8 [2, N, K_pad/8]`` and scales ``[N, NG]`` of each layer are repacked
     once into the GPU layout (``qweight int32 [N, K_alloc/16]``, ``scales [N, K_alloc/G, 2]`` in
     ``activation_dtype``), stored as buffers ``<weight>_qweight`` / ``<weight>_gpu_scales``, and
-    the old buffers removed. Returns the number of nodes rewritten.
+    the old buffers removed. A sign-codebook node keeps its offset ``c`` buffer and adds the
+    offset term after the kernel (:func:`~dbllm_compile.reference.linear.add_offset_term`, plain
+    torch ops that the export traces). Returns the number of nodes rewritten.
     """
     from dbllm_compile.backends.triton import to_gpu_layout
     from dbllm_compile.backends.triton.prepared_op import GPU_OP
@@ -87,7 +90,9 @@ def use_gpu_kernels(gm: fx.GraphModule, activation_dtype: torch.dtype) -> int:
     done: dict[str, tuple[str, str]] = {}
     replaced: set[str] = set()
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == DEPLOY_OP]:
-        x, packed_n, a1_n, a2_n, bias, in_features, group_size = node.args
+        a = op_arguments(node)
+        x, packed_n, a1_n, a2_n, bias = a["x"], a["packed"], a["a1"], a["a2"], a["bias"]
+        in_features, group_size, c_n = a["in_features"], a["group_size"], a["c"]
         base = packed_n.target.removesuffix("_packed")
         replaced.update((packed_n.target, a1_n.target, a2_n.target))
         if base not in done:
@@ -100,6 +105,9 @@ def use_gpu_kernels(gm: fx.GraphModule, activation_dtype: torch.dtype) -> int:
         with gm.graph.inserting_before(node):
             qw, sc = (gm.graph.get_attr(t) for t in done[base])
             new = gm.graph.call_function(GPU_OP, (x, qw, sc, bias, in_features, group_size))
+            if c_n is not None:  # sign codebook: the kernels compute a1*b1 + a2*b2; add x-sums @ c.T
+                c_attr = gm.graph.get_attr(c_n.target)
+                new = gm.graph.call_function(add_offset_term, (new, x, c_attr, in_features, group_size))
         replace_node(gm, node, new)
         count += 1
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

@@ -40,8 +40,9 @@ class ArtifactInfo:
         path: the artifact directory.
         bytes_on_disk: all files of the artifact.
         quantized_weights: weights held as dual-binary.
-        quantized_bytes: their packed bits plus scales.
-        bits_per_weight: ``8 * quantized_bytes / quantized_weights`` (2.5 for G=64, fp16 scales).
+        quantized_bytes: their packed bits plus scales (and offsets).
+        bits_per_weight: ``8 * quantized_bytes / quantized_weights`` (2.5 for G=64, fp16 scales;
+            2.75 with the offsets of the sign codebook).
         layers: number of dual-binary layers.
     """
 
@@ -80,14 +81,16 @@ def graph_tensors(gm: torch.nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
 
 def deploy_layer_tensors(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
     """``{weight name: {"packed": ..., "a1": ..., "a2": ...}}``: the attribute names each
-    ``dbllm.db_linear`` node reads, keyed by the latent weight they replaced."""
-    from dbllm_compile.ops import DEPLOY_OP
+    ``dbllm.db_linear`` node reads, keyed by the latent weight they replaced; a node of the sign
+    codebook adds ``"c"`` (its offset)."""
+    from dbllm_compile.ops import DEPLOY_OP, op_arguments
 
     out: dict[str, dict[str, str]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == DEPLOY_OP:
-            packed, a1, a2 = (arg.target for arg in node.args[1:4])
-            out[packed.removesuffix("_packed")] = {"packed": packed, "a1": a1, "a2": a2}
+            args = op_arguments(node)
+            names = {key: args[key].target for key in ("packed", "a1", "a2", "c") if args[key] is not None}
+            out[names["packed"].removesuffix("_packed")] = names
     return out
 
 
@@ -246,12 +249,13 @@ def artifact_info(directory: str | os.PathLike) -> ArtifactInfo:
     )
 
 
-def load_layers(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """The trained dual-binary layers of an artifact: ``{weight name: (packed, a1, a2, group_size)}``.
+def load_layers(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]]:
+    """The trained dual-binary layers of an artifact: ``{weight name: (packed, a1, a2, group_size, c)}``.
 
     Weight names are those of the source model's weight parameters
     (``model.layers.0.self_attn.q_proj.weight``); ``packed`` is ``uint8 [2, N, K_pad/8]`` in the
-    reference layout and ``a1``/``a2`` the stored scales ``[N, ceil(K/G)]``. This is what
+    reference layout, ``a1``/``a2`` the stored scales ``[N, ceil(K/G)]`` and ``c`` the stored
+    offset of the sign codebook (same shape) or ``None``. This is what
     ``torch.compile(model, backend="dbllm", options={"artifact": path})`` uses instead of
     quantizing on the fly. Read with :func:`read_checkpoint` (checksums verified, no pickle).
 
@@ -269,7 +273,8 @@ def load_layers(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, t
                                 "the artifact is incomplete: save it again")
         return tensors[stored]
 
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = {}
     for layer in manifest["layers"]:
-        out[layer["weight"]] = (tensor(layer["packed"]), tensor(layer["a1"]), tensor(layer["a2"]), group_size)
+        offset = tensor(layer["c"]) if layer.get("c") else None
+        out[layer["weight"]] = (tensor(layer["packed"]), tensor(layer["a1"]), tensor(layer["a2"]), group_size, offset)
     return out

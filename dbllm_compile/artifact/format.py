@@ -4,11 +4,12 @@ An artifact is a directory::
 
     model.safetensors   every tensor of the deployed graph module, tied tensors once: packed
                         planes uint8 [2, N, K_pad/8], scales a1/a2 [N, ceil(K/G)] (scale dtype),
+                        the offsets c [N, ceil(K/G)] of sign-codebook layers (scale dtype),
                         and all non-quantized parameters, buffers (non-persistent ones too)
                         and tensor constants
     dbllm.json          the manifest (below)
 
-Manifest keys (format version 2):
+Manifest keys (format version 3):
 
 - ``format`` (``"dbllm_compile.deployed"``), ``format_version``, ``library_version``,
   ``torch_version``;
@@ -19,7 +20,8 @@ Manifest keys (format version 2):
 - ``example_inputs`` and ``fixed_kwargs``: how to export the architecture again;
 - ``layers``: one entry per dual-binary layer: ``name``, ``weight``, ``in_features``,
   ``out_features``, ``padded_in_features``, ``layout``, and the names of its ``packed``, ``a1``,
-  ``a2`` tensors;
+  ``a2`` tensors, plus ``c`` (the offset tensor) for a layer of the sign codebook
+  (``config.codebook == "sign"``);
 - ``tensors``: ``{name: {"dtype", "shape", "kind"}}`` of every stored tensor (kind
   ``parameter``, ``buffer`` or ``constant``); ``aliases``: ``{name: stored name}`` of tied ones;
 - ``files``: ``{"model.safetensors": {"bytes", "sha256"}}``; ``size``: bytes on disk and bits per
@@ -28,7 +30,11 @@ Manifest keys (format version 2):
   keys, no spaces), so an edited manifest is detected like an edited weight file.
 
 Version history: 1 (save only; no architecture, example inputs or tensor inventory: cannot be
-loaded), 2 (this one).
+loaded), 2 (loadable; {0,1} codebook only), 3 (this one: a layer may carry the offset ``c`` of
+the sign codebook). Version 3 was needed because a version-2 reader would not know the offset:
+:func:`~dbllm_compile.artifact.checkpoint.load_layers` of a version-2 reader would silently
+return the layers without it. Version-2 artifacts still load (they are version 3 without
+offsets, their config dict without ``codebook`` reads as ``"binary"``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from dbllm_compile.errors import ArtifactError
 __all__ = [
     "FORMAT_NAME",
     "ARTIFACT_VERSION",
+    "OLDEST_LOADABLE_VERSION",
     "WEIGHTS_FILE",
     "MANIFEST_FILE",
     "sha256_file",
@@ -52,7 +59,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dbllm_compile.deployed"
-ARTIFACT_VERSION = 2
+ARTIFACT_VERSION = 3
+OLDEST_LOADABLE_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "dbllm.json"
 
@@ -117,7 +125,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{manifest.get('library_version', '?')}) is newer than this dbllm_compile reads "
             f"(version {ARTIFACT_VERSION}); upgrade dbllm_compile to load it"
         )
-    if version < ARTIFACT_VERSION:
+    if version < OLDEST_LOADABLE_VERSION:
         raise ArtifactError(
             f"{path}: format version {version} is too old to load (version 1 artifacts were save-only: "
             f"they lack the architecture, example inputs and tensor inventory); save the model again "

@@ -13,7 +13,8 @@
 
 The checkpoint is a plain transformers one: each dual-binary layer ``<name>`` is stored as
 ``<name>.packed`` (uint8 ``[2, N, K_pad/8]``), ``<name>.a1`` / ``<name>.a2`` (scale dtype,
-``[N, ceil(K/G)]``) and ``<name>.bias``; everything else under its usual name. The
+``[N, ceil(K/G)]``), ``<name>.c`` (the offset, same shape and dtype; sign codebook only) and
+``<name>.bias``; everything else under its usual name. The
 ``quantization_config`` lists the layers with their shapes, so ``from_pretrained`` swaps exactly
 those modules for :class:`DBLinear` on the meta device before the weights are loaded.
 
@@ -33,22 +34,25 @@ from dbllm_compile.api import DBLLMModel
 from dbllm_compile.errors import ArtifactError
 from dbllm_compile.reference.dual_binary import num_groups, padded_in_features
 
-__all__ = ["QUANT_METHOD", "DBLinear", "DBLLMHfConfig", "DBLLMHfQuantizer", "register", "to_hf"]
+__all__ = ["QUANT_METHOD", "HF_FORMAT_VERSION", "DBLinear", "DBLLMHfConfig", "DBLLMHfQuantizer", "register", "to_hf"]
 
 QUANT_METHOD = "dbllm"
+HF_FORMAT_VERSION = 2
 
 
 class DBLinear(torch.nn.Module):
-    """A packed dual-binary linear as an ``nn.Module``: ``y = x @ (a1*b1 + a2*b2).T + bias``.
+    """A packed dual-binary linear as an ``nn.Module``: ``y = x @ (a1*b1 + a2*b2 (+ c)).T + bias``.
 
     Buffers: ``packed`` uint8 ``[2, N, K_pad/8]`` (reference layout,
     :mod:`dbllm_compile.reference.packing`), ``a1`` / ``a2`` ``[N, ceil(K/G)]`` in the scale
-    dtype; ``bias`` ``[N]`` (a parameter) or None. ``forward`` calls ``torch.ops.dbllm.db_linear``
+    dtype, and with ``offset=True`` (sign codebook) ``c``, same shape and dtype; ``bias`` ``[N]``
+    (a parameter) or None. ``forward`` calls ``torch.ops.dbllm.db_linear``
     (``x [..., K] -> [..., N]``), so the Triton kernels run on CUDA.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, *, scale_dtype: torch.dtype = torch.float16,
-                 bias: bool = True, bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 bias: bool = True, bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 offset: bool = False):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -58,17 +62,24 @@ class DBLinear(torch.nn.Module):
         self.register_buffer("packed", torch.zeros((2, out_features, k_pad // 8), dtype=torch.uint8, device=device))
         self.register_buffer("a1", torch.zeros((out_features, groups), dtype=scale_dtype, device=device))
         self.register_buffer("a2", torch.zeros((out_features, groups), dtype=scale_dtype, device=device))
+        if offset:
+            self.register_buffer("c", torch.zeros((out_features, groups), dtype=scale_dtype, device=device))
+        else:
+            self.c = None
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.dbllm.db_linear(x, self.packed, self.a1, self.a2, self.bias, self.in_features, self.group_size)
+        if self.c is None:
+            return torch.ops.dbllm.db_linear(x, self.packed, self.a1, self.a2, self.bias, self.in_features, self.group_size)
+        return torch.ops.dbllm.db_linear(x, self.packed, self.a1, self.a2, self.bias, self.in_features, self.group_size,
+                                         self.c)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"scale_dtype={self.a1.dtype}, bias={self.bias is not None}")
+                f"scale_dtype={self.a1.dtype}, bias={self.bias is not None}, offset={self.c is not None}")
 
 
 def _mixin_base() -> type:
@@ -89,23 +100,26 @@ class DBLLMHfConfig(_mixin_base()):
     Args:
         group_size: input features per scale group.
         scale_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-        layers: ``{module name: {"in_features", "out_features", "bias"}}`` of the dual-binary layers.
+        layers: ``{module name: {"in_features", "out_features", "bias", "offset"}}`` of the
+            dual-binary layers (``offset``: the layer has the sign codebook's ``c``; absent means no).
         dbllm_config: the :class:`~dbllm_compile.DBLLMConfig` as a dict (provenance).
-        format_version: version of this layout (1).
+        format_version: version of this layout: 1 ({0,1} layers only) or 2 (layers may carry
+            ``c``; written by this version). A version-1 reader would drop ``<name>.c`` as an
+            unexpected key and compute without the offset, hence the bump.
     """
 
     def __init__(self, group_size: int = 64, scale_dtype: str = "float16", layers: dict[str, dict[str, Any]] | None = None,
-                 dbllm_config: dict[str, Any] | None = None, format_version: int = 1, **kwargs: Any):
+                 dbllm_config: dict[str, Any] | None = None, format_version: int = HF_FORMAT_VERSION, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.group_size = group_size
         self.scale_dtype = scale_dtype
         self.layers = dict(layers or {})
         self.dbllm_config = dict(dbllm_config or {})
         self.format_version = format_version
-        if format_version != 1:
+        if format_version not in (1, HF_FORMAT_VERSION):
             raise ArtifactError(
                 f"config.json: quantization_config format_version {format_version!r} is not supported by this "
-                "dbllm_compile (it reads 1); upgrade dbllm_compile"
+                f"dbllm_compile (it reads 1 and {HF_FORMAT_VERSION}); upgrade dbllm_compile"
             )
         for key, value in kwargs.items():
             setattr(self, key, value)
@@ -134,6 +148,7 @@ def replace_with_db_linear(model: torch.nn.Module, config: DBLLMHfConfig, *, dev
             bias=spec.get("bias", True),
             bias_dtype=getattr(torch, bias_dtype) if bias_dtype else (ref.dtype if ref is not None else torch.float32),
             device=device if device is not None else (ref.device if ref is not None else None),
+            offset=bool(spec.get("offset", False)),
         ))
     return len(config.layers)
 
@@ -258,16 +273,20 @@ def to_hf(deployed: DBLLMModel, model: torch.nn.Module | None = None) -> torch.n
         packed = get_attr_value(gm, names["packed"])
         a1 = get_attr_value(gm, names["a1"])
         new = DBLinear(layer.in_features, layer.out_features, deployed.config.group_size, scale_dtype=a1.dtype,
-                       bias=has_bias, bias_dtype=bias.dtype if bias is not None else torch.float32)
+                       bias=has_bias, bias_dtype=bias.dtype if bias is not None else torch.float32,
+                       offset="c" in names)
         new.packed = packed.detach().clone()
         new.a1 = a1.detach().clone()
         new.a2 = get_attr_value(gm, names["a2"]).detach().clone()
+        if "c" in names:
+            new.c = get_attr_value(gm, names["c"]).detach().clone()
         if bias is not None:
             new.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
             quantized_tensors.add(bias_name)
         _set_module(model, module_name, new)
         layers[module_name] = {"in_features": layer.in_features, "out_features": layer.out_features, "bias": has_bias,
-                               "bias_dtype": str(bias.dtype).removeprefix("torch.") if bias is not None else None}
+                               "bias_dtype": str(bias.dtype).removeprefix("torch.") if bias is not None else None,
+                               "offset": "c" in names}
     # Every other tensor: the deployed graph's value (training may have changed it).
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(model.named_buffers(remove_duplicate=False))

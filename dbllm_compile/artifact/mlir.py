@@ -4,7 +4,8 @@ Two forms:
 
 - ``torch`` dialect, as torch-mlir's FX importer produces it: ATen ops as ``torch.aten.*`` and
   each dual-binary layer kept as one named op,
-  ``torch.operator "torch.dbllm.db_linear"(%x, %packed, %a1, %a2, %bias, %K, %G)``, with its
+  ``torch.operator "torch.dbllm.db_linear"(%x, %packed, %a1, %a2, %bias, %K, %G)`` (plus ``%c``
+  last for the sign codebook), with its
   packed planes ``ui8 [2, N, K_pad/8]`` and scales as literals. This is the form for a compiler
   that implements the op itself. (torch-mlir's *backend contract* form, output type ``torch``,
   rejects any op it has no shape and dtype functions for, and its generator of those functions

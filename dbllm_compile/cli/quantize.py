@@ -22,6 +22,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="'smollm2-135m' (bundled, default), a local Hugging Face model directory, or a .gguf file")
     q.add_argument("--group-size", type=int, default=64, help="input features per scale group (default 64)")
     q.add_argument("--init", choices=["mse", "maxabs"], default="mse", help="scale initialisation (default mse)")
+    q.add_argument("--codebook", choices=["binary", "sign"], default="binary",
+                   help="2-bit weight codebook: 'binary' (DB-LLM a1*b1 + a2*b2, default) or 'sign' (LBLLM "
+                        "symmetric levels: a1*b1 + a2*b2 + c with a learnable per-group offset c)")
     q.add_argument("--init-refine-iters", type=int, default=None,
                    help="least-squares refinements of the scales after the grid search (default: the config's)")
     q.add_argument("--include", action="append", default=None, metavar="PATTERN",
@@ -166,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(
         group_size=args.group_size,
         init=args.init,
+        codebook=args.codebook,
         exclude=tuple(args.exclude),
         keep_head=not args.quantize_head,
     )
@@ -282,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
         seconds=timings,
         out=str(out),
     )
-    table = Table(title=f"dbllm-compile quantize: {args.model}, W2 (dual-binary) g{config.group_size}")
+    table = Table(title=f"dbllm-compile quantize: {args.model}, W2 (dual-binary, {config.codebook} codebook) "
+                        f"g{config.group_size}")
     table.add_column("model")
     for label in texts:
         shown = Path(label).name if label in extra_files else label

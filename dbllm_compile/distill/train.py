@@ -1,6 +1,7 @@
 """The two training stages: block-wise reconstruction, then end-to-end distillation.
 
-Both train only the dual-binary parameters: the scales ``a1``, ``a2`` always, the latent weights
+Both train only the dual-binary parameters: the scales ``a1``, ``a2`` (and the offset ``c`` of the
+sign codebook, with the scales' learning rate) always, the latent weights
 (through the straight-through estimator) when ``DistillConfig.train_latent``; every other
 parameter is frozen. Both checkpoint atomically and resume: a run killed at any point and
 started again with the same arguments ends with the same parameters as an uninterrupted run
@@ -22,7 +23,7 @@ from dbllm_compile.distill.blocks import capture, extract_block
 from dbllm_compile.distill.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
 from dbllm_compile.errors import ConfigError, DBLLMError
-from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP
+from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP, op_arguments
 
 __all__ = ["DistillConfig", "train_blocks", "train_end_to_end", "trainable_parameters"]
 
@@ -137,13 +138,16 @@ def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
 
 
 def trainable_parameters(gm: torch.fx.GraphModule, train_latent: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(scales, latents)``: the dual-binary parameters of ``gm`` by ``get_attr`` target."""
+    """``(scales, latents)``: the dual-binary parameters of ``gm`` by ``get_attr`` target; the
+    scales include the offsets ``c`` of sign-codebook layers (same learning rate)."""
     scales: dict[str, torch.Tensor] = {}
     latents: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == TRAIN_OP:
-            for arg in node.args[2:4]:
-                scales[arg.target] = _attr(gm, arg.target)
+            args = op_arguments(node)
+            for arg in (args["a1"], args["a2"], args["c"]):
+                if arg is not None:
+                    scales[arg.target] = _attr(gm, arg.target)
             if train_latent:
                 latents[node.args[1].target] = _attr(gm, node.args[1].target)
     return scales, latents

@@ -17,9 +17,11 @@ from dbllm_compile.reference.dual_binary import (
 )
 from dbllm_compile.reference.linear import db_linear_packed_reference, db_linear_train_reference
 from dbllm_compile.reference.packing import pack_bits, pack_planes, unpack_bits, unpack_planes
+from dbllm_compile.reference.sign_codebook import SignInitResult, init_sign_scales
 
 __all__ = [
     "InitResult",
+    "SignInitResult",
     "assign_bits",
     "check_weight",
     "db_linear_packed_reference",
@@ -28,6 +30,7 @@ __all__ = [
     "fake_quantize_weight",
     "group_levels",
     "init_scales",
+    "init_sign_scales",
     "num_groups",
     "pack_bits",
     "pack_planes",

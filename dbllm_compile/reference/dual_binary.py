@@ -26,7 +26,7 @@ form plus a per-group offset ``c``:
 (codes 00 -> -s_hi, 10 -> -s_lo, 01 -> s_lo, 11 -> s_hi: b2 is the sign bit and b1 XOR b2 selects
 the low magnitude). Every function here takes an optional ``c`` (``[N, n_groups]``; ``None``
 means 0, the {0,1} form); bits are assigned by nearest level on ``w - c``.
-:func:`init_sign_scales` initialises the sign form.
+:func:`dbllm_compile.reference.sign_codebook.init_sign_scales` initialises the sign form.
 
 All arithmetic is float32 whatever the weight dtype. ``in_features`` that are not a multiple of
 ``G`` are zero-padded to ``K_pad``; padded positions always get bits 0.
@@ -42,15 +42,12 @@ from dbllm_compile.errors import QuantizationError
 
 __all__ = [
     "InitResult",
-    "SIGN_RATIOS",
-    "SignInitResult",
     "assign_bits",
     "check_weight",
     "dequantize_bits",
     "fake_quantize_weight",
     "group_levels",
     "init_scales",
-    "init_sign_scales",
     "num_groups",
     "padded_in_features",
 ]
@@ -309,66 +306,3 @@ def init_scales(
         a2s.append(a2)
         mirrors.append(mirror)
     return InitResult(torch.cat(a1s), torch.cat(a2s), torch.cat(mirrors), torch.cat(errs))
-
-
-@dataclass(frozen=True)
-class SignInitResult:
-    """Initial sign-codebook parameters of one layer (all float32 ``[N, n_groups]``).
-
-    Attributes:
-        a1, a2, c: the ``a1 * b1 + a2 * b2 + c`` form of the levels ``{-s_hi, -s_lo, s_lo, s_hi}``.
-        s_lo, s_hi: the two magnitudes, ``0 <= s_lo <= s_hi``.
-        mse: mean squared error of each group at init.
-    """
-
-    a1: torch.Tensor
-    a2: torch.Tensor
-    c: torch.Tensor
-    s_lo: torch.Tensor
-    s_hi: torch.Tensor
-    mse: torch.Tensor
-
-
-SIGN_RATIOS = (0.125, 0.25, 1 / 3, 0.375, 0.5, 0.625, 0.75, 0.875)
-"""Candidate ``s_lo / s_hi`` of :func:`init_sign_scales` (1/3 is the uniform 4-level grid)."""
-
-
-@torch.no_grad()
-def init_sign_scales(
-    weight: torch.Tensor, group_size: int, *, grid_points: int = 48, name: str = "weight"
-) -> SignInitResult:
-    """Sign-codebook init: per group, ``(s_lo, s_hi)`` minimising the squared error.
-
-    Grid search: ``s_hi = t * max|w|`` for ``grid_points`` values of ``t`` in ``(0, 1]`` times
-    ``s_lo = rho * s_hi`` for ``rho`` in :data:`SIGN_RATIOS`; each weight takes the nearest of
-    the four levels (``|w| < (s_lo + s_hi) / 2`` -> ``s_lo``, sign of ``w``, 0 counted positive).
-    Zero groups get all-zero parameters.
-
-    Example:
-        >>> r = init_sign_scales(torch.randn(8, 128), 64)
-        >>> bool(((r.a1 + r.a2 + 2 * r.c).abs() < 1e-6).all())  # symmetric: c = -(a1 + a2) / 2
-        True
-    """
-    check_weight(weight, name)
-    n, k = weight.shape
-    w = _pad_groups(weight.detach(), group_size)  # [N, g, G]
-    mag = w.abs()
-    top = mag.amax(dim=-1, keepdim=True)
-    best_err = torch.full_like(top, float("inf"))
-    best_hi = torch.zeros_like(top)
-    best_lo = torch.zeros_like(top)
-    for t in torch.linspace(1.0 / grid_points, 1.0, grid_points).tolist():
-        hi = top * t
-        for rho in SIGN_RATIOS:
-            lo = hi * rho
-            q = torch.where(mag < (lo + hi) * 0.5, lo, hi)
-            err = (mag - q).square().sum(dim=-1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_hi = torch.where(better, hi, best_hi)
-            best_lo = torch.where(better, lo, best_lo)
-    s_hi, s_lo = best_hi.squeeze(-1), best_lo.squeeze(-1)
-    a1, a2, c = s_hi - s_lo, s_hi + s_lo, -s_hi
-    w_hat = fake_quantize_weight(weight, a1, a2, group_size, c)
-    err = torch.nn.functional.pad(weight.float() - w_hat, (0, w.shape[1] * group_size - k))
-    return SignInitResult(a1, a2, c, s_lo, s_hi, err.reshape(w.shape).square().mean(-1))
