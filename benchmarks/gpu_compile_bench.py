@@ -132,8 +132,16 @@ def main() -> int:
         model = llama_model("smollm2-135m", device, torch.float32)
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
+        partial: dict = {}
+
+        def progress(name: str, r: dict) -> None:
+            partial[name] = r
+            result["distill_partial"] = partial
+            print(f"distill {name}: {r['seconds_per_step'] * 1e3:.1f} ms/step (first step {r['first_step_s']:.1f} s)", flush=True)
+            save()
+
         result["distill"] = distill_step_speed(model, batch=args.distill_batch, seq_len=args.distill_seq_len,
-                                               steps=args.distill_steps)
+                                               steps=args.distill_steps, on_variant=progress)
         del model
         result["seconds"]["distill"] = time.perf_counter() - t0
         d = result["distill"]

@@ -85,8 +85,10 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
     return out
 
 
-def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, steps: int, init: str = "maxabs") -> dict[str, Any]:
-    """Seconds per distillation step, eager vs compiled; checks that the scales moved."""
+def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, steps: int, init: str = "maxabs",
+                       on_variant: Any = None) -> dict[str, Any]:
+    """Seconds per distillation step, eager vs compiled; checks that the scales moved.
+    ``on_variant(name, result)`` is called after each variant (progress, partial results)."""
     import dbllm_compile as dc
     from dbllm_compile.distill.losses import LossSpec, distill_loss
 
@@ -128,7 +130,9 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
         after = torch.cat([s.detach().flatten() for s in scales])
         out[name] = {"seconds_per_step": per_step, "first_step_s": first_s, "first_loss": first_loss,
                      "last_loss": losses[-1], "scales_changed_fraction": float((after != before).float().mean())}
-        del student, opt, forward
+        if on_variant is not None:
+            on_variant(name, out[name])
+        student = opt = forward = None  # free before the next variant
         torch._dynamo.reset()
     out["speedup"] = out["eager"]["seconds_per_step"] / out["compiled"]["seconds_per_step"]
     out["speedup_opaque_op"] = out["eager"]["seconds_per_step"] / out["compiled_opaque_op"]["seconds_per_step"]

@@ -240,3 +240,19 @@ def test_traced_gpu_op_tunes_its_static_shape(tmp_path, monkeypatch):
     f = torch.compile(lambda t: torch.ops.dbllm.db_linear_gpu(t, gw.qweight, gw.scales, bias, k, g), fullgraph=True)
     assert_close(f(x), reference(x, packed, a1, a2, bias, k, g), torch.float16)
     assert tuning.lookup(x.device, x.dtype, 1, n, k, g) is not None
+
+
+@gpu_only
+@pytest.mark.parametrize("k", [1024, 1000])
+def test_sign_codebook_offset_on_cuda_matches_reference(k):
+    """``dbllm::db_linear`` with the per-group offset ``c`` (sign codebook) on CUDA: the kernel
+    plus the offset term outside it equals the reference."""
+    from dbllm_compile.reference.linear import db_linear_packed_reference
+
+    n, g = 768, 64
+    packed, a1, a2, bias, _ = make_layer(n, k, g, seed=3)
+    c = (torch.randn(n, a1.shape[1], device=DEVICE) * 0.01).half()
+    x = torch.randn(3, 5, k, device=DEVICE, dtype=torch.float16)
+    y = torch.ops.dbllm.db_linear(x, packed, a1, a2, bias, k, g, c)
+    ref = db_linear_packed_reference(x.float().cpu(), packed.cpu(), a1.cpu(), a2.cpu(), bias.cpu(), k, g, c.cpu())
+    assert_close(y.float().cpu(), ref.float(), torch.float16)

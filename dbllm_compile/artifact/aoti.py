@@ -225,7 +225,8 @@ def promote_libstdcxx() -> str | None:
     inside the package's ``wrapper.so``, which carries its own copy of libstdc++ code. A C++
     program links libstdc++ into the global symbol scope, so the wrapper binds to that one;
     Python loads torch (and its libstdc++) with ``RTLD_LOCAL``, so the wrapper ran its own copy,
-    whose locale state is not initialised. Promoting the loaded libstdc++ to the global scope
+    whose locale state is not initialised (an inference from which load variants crash and which
+    run, H100, 2026-11-23). Promoting the loaded libstdc++ to the global scope
     before the package's library is opened makes Python behave like the C++ program. Equivalent
     without dbllm_compile: ``ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)`` before
     ``aoti_load_package``, or ``LD_PRELOAD=<that libstdc++> python ...``.
