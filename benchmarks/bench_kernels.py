@@ -93,7 +93,40 @@ def n_layers(bytes_per_layer: float, l2: int) -> int:
     return max(2, min(256, math.ceil(3 * l2 / bytes_per_layer)))
 
 
-def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: float) -> dict:
+A4_CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4)]  # block_m, block_n, warps, stages
+
+
+def bench_a4(r: dict, x: torch.Tensor, layers: list, lq: int) -> None:
+    """4-bit activations (act-quant kernel + int8 GEMM, both INT_LEVELS forms), best of a few
+    untuned block configurations, over the same stack of layers; error vs the float64 formula."""
+    from dbllm_compile.backends.triton import a4
+
+    ratio = torch.tensor(0.9, device="cuda")
+    q, s = a4.act_quant_int8(x, ratio, layers[0].qweight.shape[1] * 16)
+    for int_levels in (False, True):
+        name = "a4_int_levels" if int_levels else "a4_exact"
+        times = {}
+        for bm, bn, w, st in A4_CONFIGS:
+            try:
+                fn = lambda: [a4.a4_linear(x, ratio, gw, None, int_levels=int_levels, block_m=bm, block_n=bn,  # noqa: E731
+                                           num_warps=w, num_stages=st) for gw in layers]
+                fn()
+                times[f"m{bm}n{bn}w{w}s{st}"] = graph_ms(fn) * 1e3 / lq
+            except Exception as e:  # a config that does not compile here
+                times[f"m{bm}n{bn}w{w}s{st}"] = float("nan")
+                print(f"  {name} m{bm}n{bn}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        ok = {c: t for c, t in times.items() if not math.isnan(t)}
+        if not ok:
+            continue
+        best = min(ok, key=ok.get)
+        r[f"{name}_us"], r[f"{name}_config"], r[f"{name}_candidates_us"] = ok[best], best, times
+        bm, bn = (int(v) for v in best[1:].split("w")[0].split("n"))
+        y = a4.a4_linear(x, ratio, layers[0], None, int_levels=int_levels, block_m=bm, block_n=bn).double()
+        ref = a4.a4_linear_reference(q, s, layers[0], None, int_levels_mode=int_levels)
+        r[f"{name}_rel_err"] = float((y - ref).norm() / ref.norm())
+
+
+def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: float, a4: bool = False) -> dict:
     from dbllm_compile.backends.triton import tuning
     from dbllm_compile.backends.triton.dispatch import linear_prepared
     from dbllm_compile.backends.triton.launch import run_config
@@ -127,6 +160,8 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
         best = min(timed, key=timed.get)
         r["fused_config"] = best.short()
         r["fused_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
+    if a4 and m >= 16:
+        bench_a4(r, x, layers, lq)
     del layers
     r["layers_ours"] = lq
 
@@ -208,6 +243,7 @@ def main() -> None:
     ap.add_argument("--m", default=",".join(map(str, MS)))
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--second-process", action="store_true")
+    ap.add_argument("--a4", action="store_true", help="also time the 4-bit-activation kernels (M >= 16)")
     args = ap.parse_args()
     import dbllm_compile.backends  # noqa: F401
 
@@ -223,12 +259,16 @@ def main() -> None:
     results = []
     for n, k in shapes:
         for m in map(int, args.m.split(",")):
-            r = bench_case(n, k, m, dtype, info["l2_bytes"], info["copy_GBps"] * 1e9)
+            r = bench_case(n, k, m, dtype, info["l2_bytes"], info["copy_GBps"] * 1e9, a4=args.a4)
             results.append(r)
             print(f"N={n:6d} K={k:6d} M={m:5d}  cuBLAS {r['cublas_us']:9.1f} us  ours {r['ours_us']:9.1f} us "
                   f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"
                   f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else ""),
                   flush=True)
+            for name in ("a4_exact", "a4_int_levels"):
+                if f"{name}_us" in r:
+                    print(f"    {name}: {r[f'{name}_us']:.1f} us ({r[f'{name}_config']}) x{r['cublas_us'] / r[f'{name}_us']:.2f} "
+                          f"vs cuBLAS, err {r[f'{name}_rel_err']:.1e}", flush=True)
     info["copy_GBps_end"] = copy_bandwidth() / 1e9
     doc = {"info": info, "results": results}
     if args.second_process and shapes:

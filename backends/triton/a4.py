@@ -1,0 +1,235 @@
+"""4-bit activations (W(1+1)A4) on the GPU: per-token quantization kernel + int8 GEMM.
+
+Two kernels, both tested under the Triton interpreter against torch references of the same
+integer arithmetic (:func:`a4_linear_reference`), and against the module-level numerics
+(:mod:`dbllm_compile.reference.activation` then the dual-binary linear):
+
+- :func:`act_quant_kernel`: one program per token row. Pass 1: ``m = max |x|`` (float32).
+  ``s = r * m / 7`` with IEEE division (``div_rn``), ``s = 1`` for a row of zeros. Pass 2:
+  ``q = clamp(rint(x / s), -7, 7)`` as ``int8`` (round half to even, written with floor so the
+  interpreter and the GPU run the same code), zero past ``K`` up to ``K_alloc``. These are
+  exactly the codes and scales of :func:`~dbllm_compile.reference.activation.quantize_activation_int`
+  (tested bit for bit).
+- :func:`a4_matmul_kernel`: ``y[m, n] = s_x[m] * sum_g P_g[m, n] (+ bias[n])`` over the groups of
+  ``G`` input features, reading the weights in the GPU layout of :mod:`.layout` (the same
+  ``qweight``/``scales`` as the 16-bit kernels: no second copy). Per group, with ``q`` the int8
+  codes of the activations:
+
+  * ``INT_LEVELS=False`` (exact): ``P_g = a1 * (q . b1) + a2 * (q . b2)``, two int8 products
+    with int32 accumulation per group, scaled in float32.
+  * ``INT_LEVELS=True`` (one product per group, the kernel issue's note): the four levels
+    ``{0, a2, a1, a1 + a2}`` of a row's group are written as integer multiples of one step
+    ``t = max(|a1|, |a2|, |a1 + a2|) / 127``: ``i1 = rint(a1 / t)``, ``i2 = rint(a2 / t)``,
+    ``w_int = b1 * i1 + b2 * i2`` clamped to ``[-127, 127]``, ``P_g = t * (q . w_int)``. Each
+    level moves by at most ``t / 2`` (relative ``1/254`` of the group's largest level), far
+    below the 2-bit error itself; :func:`int_level_error` measures it on real weights.
+
+  Integer products are exact, so the kernel differs from the float64 evaluation of the same
+  formula only by the float32 scaling/accumulation and the final rounding to the activation
+  dtype. The dot shape is ``[BLOCK_M, G] x [G, BLOCK_N]`` with ``G`` a multiple of 32 (int8
+  MMA needs K >= 32).
+
+Status: correctness only (interpreter tests in CI). Not yet timed on a GPU, not yet wired into
+the deploy op (``act_quant`` followed by ``db_linear`` in the graph still runs the 16-bit
+kernel on the dequantized activations).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreted, triton_cdiv
+from .layout import GpuWeights, _code_shifts
+
+__all__ = ["act_quant_kernel", "a4_matmul_kernel", "act_quant_int8", "a4_linear", "a4_linear_reference",
+           "int_levels", "int_level_error", "a4_supported"]
+
+ACT_QMAX = 7
+
+
+def a4_supported(group_size: int) -> bool:
+    """The int8 GEMM needs the group (its dot's K) to be a multiple of 32."""
+    return group_size % 32 == 0 and 1024 % group_size == 0
+
+
+@triton.jit
+def _rint(u):
+    """Round half to even (``torch.round``) of float32 ``u`` with ``|u| < 2**22``."""
+    f = tl.floor(u + 0.5)
+    tie = (f - u) == 0.5
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(tie & odd, f - 1.0, f)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, ratio_ptr, q_ptr, s_ptr, K, K_ALLOC, stride_x, stride_q, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    r = tl.load(ratio_ptr).to(tl.float32)
+    offs = tl.arange(0, BLOCK_K)
+    m = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        m = tl.maximum(m, tl.abs(x))
+    s = tl.math.div_rn(r * tl.max(m, axis=0), 7.0)
+    s = tl.where(s > 0.0, s, 1.0)
+    for k0 in range(0, K_ALLOC, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)), -7.0), 7.0)
+        tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.int8), mask=k0 + offs < K_ALLOC)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def a4_matmul_kernel(q_ptr, sx_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, M, N, K,
+                     stride_q, stride_w, stride_s, stride_o,
+                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     INT_LEVELS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_c = tl.minimum(rn, N - 1)  # rows past N read row N-1 (no load mask); the store is masked
+    WORDS: tl.constexpr = GROUP // 16
+    e = tl.arange(0, 16)
+    qq = (e % 8) // 2
+    shifts = 2 * (qq % 2) + 16 * (qq // 2) + 4 * (2 * (e // 8) + e % 2)  # bit of b1 of element e
+    kk = tl.arange(0, GROUP)
+    ww = tl.arange(0, WORDS)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, tl.cdiv(K, GROUP)):
+        qa = tl.load(q_ptr + rm[:, None] * stride_q + g * GROUP + kk[None, :], mask=rm[:, None] < M, other=0)
+        words = tl.load(qw_ptr + rn_c[:, None] * stride_w + g * WORDS + ww[None, :])  # int32 [BN, WORDS]
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 3, [BLOCK_N, GROUP])
+        a1 = tl.load(sc_ptr + rn_c * stride_s + 2 * g).to(tl.float32)
+        a2 = tl.load(sc_ptr + rn_c * stride_s + 2 * g + 1).to(tl.float32)
+        if INT_LEVELS:
+            top = tl.maximum(tl.maximum(tl.abs(a1), tl.abs(a2)), tl.abs(a1 + a2))
+            step = tl.math.div_rn(top, 127.0)
+            step = tl.where(step > 0.0, step, 1.0)
+            i1 = _rint(tl.math.div_rn(a1, step)).to(tl.int32)
+            i2 = _rint(tl.math.div_rn(a2, step)).to(tl.int32)
+            w = (codes & 1) * i1[:, None] + (codes >> 1) * i2[:, None]
+            w = tl.minimum(tl.maximum(w, -127), 127).to(tl.int8)
+            d = tl.dot(qa, tl.trans(w), out_dtype=tl.int32)
+            acc += d.to(tl.float32) * step[None, :]
+        else:
+            b1 = (codes & 1).to(tl.int8)
+            b2 = (codes >> 1).to(tl.int8)
+            d1 = tl.dot(qa, tl.trans(b1), out_dtype=tl.int32)
+            d2 = tl.dot(qa, tl.trans(b2), out_dtype=tl.int32)
+            acc += d1.to(tl.float32) * a1[None, :] + d2.to(tl.float32) * a2[None, :]
+    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    y = acc * sx[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def act_quant_int8(x2: torch.Tensor, clip_ratio: torch.Tensor, k_alloc: int | None = None,
+                   block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x2 [M, K]`` -> int8 codes ``[M, k_alloc]`` (zero past K) and float32 scales ``[M]``.
+
+    ``clip_ratio``: ``r`` in ``(0, 1]``, one element (the ratio, not the logit).
+    """
+    m, k = x2.shape
+    k_alloc = k if k_alloc is None else k_alloc
+    if k_alloc < k:
+        raise ValueError(f"act_quant_int8: k_alloc={k_alloc} < K={k}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q = torch.empty(m, k_alloc, dtype=torch.int8, device=x2.device)
+    s = torch.empty(m, dtype=torch.float32, device=x2.device)
+    if m:
+        ratio = clip_ratio.reshape(1).to(device=x2.device, dtype=torch.float32)
+        bk = min(block_k, triton.next_power_of_2(max(k_alloc, 16)))
+        act_quant_kernel[(m,)](x2, ratio, q, s, k, k_alloc, x2.stride(0), q.stride(0), BLOCK_K=bk)
+    return q, s
+
+
+def a4_linear(x2: torch.Tensor, clip_ratio: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None = None, *,
+              int_levels: bool = False, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+              num_stages: int = 3) -> torch.Tensor:
+    """``x2 [M, K]`` (fp16/bf16) -> ``[M, N]`` in its dtype: 4-bit activations, 2-bit weights."""
+    if not a4_supported(gw.group_size):
+        raise ValueError(f"a4_linear: group_size={gw.group_size} is not a multiple of 32 dividing 1024")
+    if x2.shape[1] != gw.in_features:
+        raise ValueError(f"a4_linear: x has {x2.shape[1]} features, layer expects {gw.in_features}")
+    m = x2.shape[0]
+    n = gw.out_features
+    k_alloc = gw.qweight.shape[1] * 16
+    q, s = act_quant_int8(x2, clip_ratio, k_alloc)
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return out
+    if bias is not None:
+        bias = bias.to(x2.dtype)
+    kw = {} if interpreted() else {"num_warps": num_warps, "num_stages": num_stages}
+    grid = (triton_cdiv(m, block_m), triton_cdiv(n, block_n))
+    a4_matmul_kernel[grid](q, s, gw.qweight, gw.scales, bias if bias is not None else gw.scales, out,
+                           m, n, gw.in_features, q.stride(0), gw.qweight.stride(0), gw.scales.stride(0),
+                           out.stride(0), GROUP=gw.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                           INT_LEVELS=int_levels, HAS_BIAS=bias is not None, **kw)
+    return out
+
+
+def _rint_torch(u: torch.Tensor) -> torch.Tensor:
+    return torch.round(u)  # half to even, as the kernels' _rint
+
+
+def int_levels(a1: torch.Tensor, a2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (row, group): step ``t`` and integer levels ``i1, i2`` of the INT_LEVELS form (float32)."""
+    a1, a2 = a1.float(), a2.float()
+    top = torch.maximum(torch.maximum(a1.abs(), a2.abs()), (a1 + a2).abs())
+    t = top / 127.0
+    t = torch.where(t > 0, t, torch.ones_like(t))
+    return t, _rint_torch(a1 / t), _rint_torch(a2 / t)
+
+
+def _codes(gw: GpuWeights) -> torch.Tensor:
+    """2-bit codes ``[N, K_pad]`` (int64) of the GPU layout."""
+    q = gw.qweight[:, : gw.k_pad // 16].to(torch.int64) & 0xFFFFFFFF
+    return ((q.unsqueeze(-1) >> _code_shifts(q.device)) & 3).reshape(q.shape[0], gw.k_pad)
+
+
+def a4_linear_reference(codes_x: torch.Tensor, scale_x: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None,
+                        int_levels_mode: bool = False) -> torch.Tensor:
+    """Float64 evaluation of the kernel's formula (module docstring) from the int8 codes
+    ``[M, >= K_pad]`` and scales ``[M]`` of the activations; returns float64 ``[M, N]``."""
+    k_pad, g, ng = gw.k_pad, gw.group_size, gw.num_groups
+    codes = _codes(gw).reshape(-1, ng, g)
+    b1, b2 = (codes & 1).double(), (codes >> 1).double()
+    q = codes_x[:, :k_pad].double().reshape(-1, ng, g)
+    a1 = gw.scales[:, :ng, 0].float()
+    a2 = gw.scales[:, :ng, 1].float()
+    if int_levels_mode:
+        t, i1, i2 = int_levels(a1, a2)
+        w = (b1 * i1.double()[..., None] + b2 * i2.double()[..., None]).clamp(-127, 127)
+        per_group = torch.einsum("mgk,ngk->mng", q, w) * t.double()[None]
+    else:
+        per_group = (torch.einsum("mgk,ngk->mng", q, b1) * a1.double()[None]
+                     + torch.einsum("mgk,ngk->mng", q, b2) * a2.double()[None])
+    y = per_group.sum(-1) * scale_x.double()[:, None]
+    if bias is not None:
+        y = y + bias.double()[None]
+    return y
+
+
+def int_level_error(gw: GpuWeights) -> dict[str, float]:
+    """How far the INT_LEVELS weights are from the exact levels, in units of the layer's norm.
+
+    Returns ``{"rel_level_error": ||w_int * t - w_hat|| / ||w_hat||, "max_abs_level_error": ...}``.
+    """
+    ng, g = gw.num_groups, gw.group_size
+    codes = _codes(gw).reshape(-1, ng, g)
+    b1, b2 = (codes & 1).float(), (codes >> 1).float()
+    a1 = gw.scales[:, :ng, 0].float()[..., None]
+    a2 = gw.scales[:, :ng, 1].float()[..., None]
+    exact = b1 * a1 + b2 * a2
+    t, i1, i2 = int_levels(a1[..., 0], a2[..., 0])
+    approx = (b1 * i1[..., None] + b2 * i2[..., None]).clamp(-127, 127) * t[..., None]
+    diff = approx - exact
+    return {"rel_level_error": float(diff.norm() / exact.norm().clamp_min(1e-30)),
+            "max_abs_level_error": float(diff.abs().max())}
