@@ -27,6 +27,7 @@ def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
         ppl = results["perplexity"][label]
         assert ppl["windows"] == 2 and ppl["fp"] > 1 and ppl["2bit"] > 1 and ppl["ptq"] > 1
     assert results["calibration"]["tokens"] == 256 and results["distill"]["budget"]["steps"] == 4
+    assert results["distill"]["config"]["compile"] is False  # --compile is opt-in
     run_dir = out.with_name("out-run")
     assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "loss.png").is_file()
     manifest = json.loads((out / "dbllm.json").read_text())
