@@ -10,39 +10,21 @@ activations rounded to fp16, then the dual-binary linear).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_setup import DEVICE, make_layer as make_packed_layer
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
-
-from dbllm_compile.backends.triton import a4, launch  # noqa: E402
+from dbllm_compile.backends.triton import a4  # noqa: E402
 from dbllm_compile.backends.triton.layout import to_gpu_layout  # noqa: E402
-from dbllm_compile.reference import pack_planes  # noqa: E402
 from dbllm_compile.reference.activation import fake_quantize_activation, quantize_activation_int  # noqa: E402
 from dbllm_compile.reference.linear import db_linear_packed_reference  # noqa: E402
 
-if not GPU and not launch.interpreted():
-    pytest.skip("no GPU and TRITON_INTERPRET was switched off", allow_module_level=True)
-
-DEVICE = torch.device("cuda" if GPU else "cpu")
-
 
 def make_layer(n, k, g, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    k_pad = -(-k // g) * g
-    bits = torch.randint(0, 2, (2, n, k_pad), generator=gen, dtype=torch.uint8)
-    bits[:, :, k:] = 0
-    a1 = (torch.rand(n, k_pad // g, generator=gen) * 0.04 + 0.01).half()
-    a2 = (-torch.rand(n, k_pad // g, generator=gen) * 0.02).half()
-    bias = torch.randn(n, generator=gen).half()
-    packed = pack_planes(bits[0], bits[1])
-    gw = to_gpu_layout(packed.to(DEVICE), a1.to(DEVICE), a2.to(DEVICE), k, g, torch.float16)
-    return gw, packed, a1, a2, bias.to(DEVICE)
+    """A random layer in the GPU layout, plus its reference-layout planes and scales (on CPU)."""
+    packed, a1, a2, bias, _ = make_packed_layer(n, k, g, seed=seed)
+    gw = to_gpu_layout(packed, a1, a2, k, g, torch.float16)
+    return gw, packed.cpu(), a1.cpu(), a2.cpu(), bias
 
 
 @pytest.mark.parametrize("ratio", [0.95, 1.0, 0.3])

@@ -14,43 +14,20 @@ Layout conversions and the dequantize kernel are bit-exact.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed (pip install 'dbllm-compile[triton]')")
+from triton_setup import DEVICE, GPU, make_layer
 
 import dbllm_compile  # noqa: E402,F401
 import dbllm_compile.backends  # noqa: E402,F401  (registers the CUDA kernel and db_linear_gpu)
 from dbllm_compile.backends import triton as dbt  # noqa: E402
 from dbllm_compile.backends.triton import launch, tuning  # noqa: E402
 from dbllm_compile.backends.triton.launch import KernelConfig  # noqa: E402
-from dbllm_compile.reference import dequantize_bits, pack_planes  # noqa: E402
+from dbllm_compile.reference import dequantize_bits  # noqa: E402
 from dbllm_compile.reference.linear import db_linear_packed_reference  # noqa: E402
 
-if not GPU and not launch.interpreted():
-    pytest.skip("no GPU and TRITON_INTERPRET was switched off", allow_module_level=True)
-
-DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPES = [torch.float16, torch.bfloat16] if GPU else [torch.float16]
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def make_layer(n: int, k: int, g: int, seed: int = 0, device=DEVICE):
-    """Random bits (0 past K) and scales of both signs, as a deployed layer stores them."""
-    gen = torch.Generator().manual_seed(seed)
-    k_pad = -(-k // g) * g
-    bits = torch.randint(0, 2, (2, n, k_pad), generator=gen, dtype=torch.uint8)
-    bits[:, :, k:] = 0
-    a1 = (torch.rand(n, k_pad // g, generator=gen) * 0.04 + 0.01).half()
-    a2 = (-torch.rand(n, k_pad // g, generator=gen) * 0.02).half()
-    bias = torch.randn(n, generator=gen).half()
-    packed = pack_planes(bits[0], bits[1])
-    return packed.to(device), a1.to(device), a2.to(device), bias.to(device), bits
 
 
 def reference(x, packed, a1, a2, bias, k, g):
