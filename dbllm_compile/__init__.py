@@ -14,6 +14,7 @@ checkpoints written by :func:`dbllm_compile.artifact.hf.to_hf` + ``save_pretrain
 """
 
 from dbllm_compile import ops  # noqa: F401  (registers torch.ops.dbllm.*)
+from dbllm_compile import ops_int  # noqa: F401  (registers act_quant_int, db_linear_a4)
 from dbllm_compile import backends  # noqa: F401  (registers the CUDA kernels when Triton is installed)
 from dbllm_compile.api import DBLLMModel, SizeReport, add_activation_quant, convert, quantize
 from dbllm_compile.config import CONFIG_VERSION, DBLLMConfig

@@ -5,6 +5,9 @@
 - :mod:`~dbllm_compile.passes.graph_analysis`: networkx analyses (heads, shared inputs, blocks).
 - :mod:`~dbllm_compile.passes.quantize_linears`: rewrite linears into the training op.
 - :mod:`~dbllm_compile.passes.pack_linears`: rewrite the training op into the packed deploy op.
+- :mod:`~dbllm_compile.passes.activation_quant`: insert the shared 4-bit activation quantizers.
+- :mod:`~dbllm_compile.passes.int_activations`: deployed W(1+1)A4 graphs: ``act_quant`` +
+  ``db_linear`` into ``act_quant_int`` + ``db_linear_a4`` (int8 codes between the ops).
 
 Invariants every pass keeps: ``node.meta["val"]`` of a replaced node is carried to its
 replacement (same shape and dtype), no aliasing is introduced, and the graph is linted and the

@@ -76,3 +76,27 @@ def test_a4_rejects_unsupported_group_and_shape():
     with pytest.raises(ValueError, match="features"):
         a4.a4_linear(torch.zeros(1, 65, dtype=torch.float16, device=DEVICE), torch.tensor(1.0), gw)
     assert not a4.a4_supported(16) and a4.a4_supported(64)
+
+
+@pytest.mark.parametrize("k,with_c", [(128, False), (100, True)], ids=["k=4g", "pad-k-offset"])
+def test_cuda_implementations_of_the_int_ops(k, with_c):
+    """``int_dispatch`` (the CUDA kernels of ``act_quant_int`` / ``db_linear_a4``) against the
+    reference ops: codes bit-exact, outputs within fp16 rounding (interpreter without a GPU)."""
+    from dbllm_compile import ops_int  # noqa: F401
+    from dbllm_compile.backends.triton.dispatch import clear_cache
+    from dbllm_compile.backends.triton.int_dispatch import act_quant_int_cuda, db_linear_a4_cuda
+
+    n, g = 40, 32
+    packed, a1, a2, bias, _ = make_packed_layer(n, k, g, seed=7)
+    c = (torch.randn(n, a1.shape[1], generator=torch.Generator().manual_seed(8)) * 0.01).half().to(DEVICE) if with_c else None
+    x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(9)).half().to(DEVICE)
+    r = torch.tensor(0.85, device=DEVICE)
+    codes, scale = act_quant_int_cuda(x, r)
+    ref_codes, ref_scale = quantize_activation_int(x.cpu(), r.cpu())
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(scale.cpu(), ref_scale)
+    y = db_linear_a4_cuda(codes, scale, packed, a1, a2, bias, k, g, torch.float16, c)
+    ref = torch.ops.dbllm.db_linear_a4(codes.cpu(), scale.cpu(), packed.cpu(), a1.cpu(), a2.cpu(), bias.cpu().float(),
+                                       k, g, torch.float32, None if c is None else c.cpu())
+    assert y.shape == (2, 3, n) and y.dtype == torch.float16
+    torch.testing.assert_close(y.cpu().float(), ref, rtol=4e-3, atol=4e-3 * ref.abs().max().item())
+    clear_cache()

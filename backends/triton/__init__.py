@@ -7,6 +7,8 @@
 - :mod:`.tuning`: configuration choice per shape, cached on disk per GPU model.
 - :mod:`.dispatch`: the CUDA implementation of ``torch.ops.dbllm.db_linear`` (weight cache).
 - :mod:`.prepared_op`: ``torch.ops.dbllm.db_linear_gpu``, a ``triton_op`` on prepared weights.
+- :mod:`.a4` / :mod:`.int_dispatch`: 4-bit activations: the quantization kernel and the int8
+  GEMM, and the CUDA implementations of ``dbllm::act_quant_int`` / ``dbllm::db_linear_a4``.
 
 Importing this package imports Triton; :func:`register` installs the CUDA kernel of
 ``dbllm::db_linear`` (called by :mod:`dbllm_compile.backends` when Triton is importable).
@@ -55,4 +57,10 @@ def register() -> None:
     from . import prepared_op  # noqa: F401  (defines torch.ops.dbllm.db_linear_gpu)
 
     ops.db_linear.register_kernel("cuda")(db_linear_cuda)
+    from dbllm_compile import ops_int
+
+    from .int_dispatch import act_quant_int_cuda, db_linear_a4_cuda
+
+    ops_int.act_quant_int.register_kernel("cuda")(act_quant_int_cuda)
+    ops_int.db_linear_a4.register_kernel("cuda")(db_linear_a4_cuda)
     _registered = True

@@ -43,7 +43,7 @@ import triton.language as tl
 from .launch import interpreted, triton_cdiv
 from .layout import GpuWeights, _code_shifts
 
-__all__ = ["act_quant_kernel", "a4_matmul_kernel", "act_quant_int8", "a4_linear", "a4_linear_reference",
+__all__ = ["act_quant_kernel", "a4_matmul_kernel", "act_quant_int8", "a4_matmul", "a4_linear", "a4_linear_reference",
            "int_levels", "int_level_error", "a4_supported"]
 
 ACT_QMAX = 7
@@ -149,30 +149,52 @@ def act_quant_int8(x2: torch.Tensor, clip_ratio: torch.Tensor, k_alloc: int | No
     return q, s
 
 
-def a4_linear(x2: torch.Tensor, clip_ratio: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None = None, *,
-              int_levels: bool = False, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
-              num_stages: int = 3) -> torch.Tensor:
-    """``x2 [M, K]`` (fp16/bf16) -> ``[M, N]`` in its dtype: 4-bit activations, 2-bit weights."""
+def default_a4_blocks(m: int) -> tuple[int, int, int, int]:
+    """Untuned ``(block_m, block_n, num_warps, num_stages)`` by M (not yet measured on a GPU)."""
+    if m <= 16:
+        return 16, 64, 4, 3
+    if m <= 64:
+        return 64, 64, 4, 3
+    return 128, 128, 8, 3
+
+
+def a4_matmul(q: torch.Tensor, s: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, out_dtype: torch.dtype, *,
+              int_levels: bool = False, block_m: int | None = None, block_n: int | None = None,
+              num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """int8 codes ``q [M, >= K_pad]`` (zero past K) and float32 token scales ``s [M]`` ->
+    ``[M, N]`` in ``out_dtype`` (module docstring)."""
     if not a4_supported(gw.group_size):
-        raise ValueError(f"a4_linear: group_size={gw.group_size} is not a multiple of 32 dividing 1024")
-    if x2.shape[1] != gw.in_features:
-        raise ValueError(f"a4_linear: x has {x2.shape[1]} features, layer expects {gw.in_features}")
-    m = x2.shape[0]
+        raise ValueError(f"a4_matmul: group_size={gw.group_size} is not a multiple of 32 dividing 1024")
+    m = q.shape[0]
     n = gw.out_features
-    k_alloc = gw.qweight.shape[1] * 16
-    q, s = act_quant_int8(x2, clip_ratio, k_alloc)
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if q.shape[1] < gw.k_pad or q.dtype != torch.int8 or q.stride(-1) != 1:
+        raise ValueError(f"a4_matmul: codes must be int8 [M, >= {gw.k_pad}] with unit stride, got "
+                         f"{q.dtype} {tuple(q.shape)}")
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     if m == 0:
         return out
+    bm, bn, w, st = default_a4_blocks(m)
+    bm, bn = block_m or bm, block_n or bn
     if bias is not None:
-        bias = bias.to(x2.dtype)
-    kw = {} if interpreted() else {"num_warps": num_warps, "num_stages": num_stages}
-    grid = (triton_cdiv(m, block_m), triton_cdiv(n, block_n))
+        bias = bias.to(out_dtype)
+    kw = {} if interpreted() else {"num_warps": num_warps or w, "num_stages": num_stages or st}
+    grid = (triton_cdiv(m, bm), triton_cdiv(n, bn))
     a4_matmul_kernel[grid](q, s, gw.qweight, gw.scales, bias if bias is not None else gw.scales, out,
                            m, n, gw.in_features, q.stride(0), gw.qweight.stride(0), gw.scales.stride(0),
-                           out.stride(0), GROUP=gw.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                           out.stride(0), GROUP=gw.group_size, BLOCK_M=bm, BLOCK_N=bn,
                            INT_LEVELS=int_levels, HAS_BIAS=bias is not None, **kw)
     return out
+
+
+def a4_linear(x2: torch.Tensor, clip_ratio: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None = None, *,
+              int_levels: bool = False, block_m: int | None = None, block_n: int | None = None,
+              num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """``x2 [M, K]`` (fp16/bf16) -> ``[M, N]`` in its dtype: quantize (kernel 1), then the int8 GEMM."""
+    if x2.shape[1] != gw.in_features:
+        raise ValueError(f"a4_linear: x has {x2.shape[1]} features, layer expects {gw.in_features}")
+    q, s = act_quant_int8(x2, clip_ratio, gw.qweight.shape[1] * 16)
+    return a4_matmul(q, s, gw, bias, x2.dtype, int_levels=int_levels, block_m=block_m, block_n=block_n,
+                     num_warps=num_warps, num_stages=num_stages)
 
 
 def _rint_torch(u: torch.Tensor) -> torch.Tensor:
