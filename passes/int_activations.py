@@ -43,7 +43,7 @@ class IntActivationReport:
 
 
 def _dtype_of(node: fx.Node) -> torch.dtype | None:
-    val = node.meta.get("val")
+    val = node.meta.get("val", node.meta.get("example_value"))  # exported / Dynamo graphs
     return val.dtype if isinstance(val, torch.Tensor) else None
 
 
@@ -73,7 +73,7 @@ def use_int_activations(gm: fx.GraphModule) -> IntActivationReport:
             codes = graph.call_function(operator.getitem, (q, 0))
         with graph.inserting_after(codes):
             scale = graph.call_function(operator.getitem, (q, 1))
-        val = node.meta.get("val")
+        val = node.meta.get("val", node.meta.get("example_value"))
         if isinstance(val, torch.Tensor):
             q.meta["val"] = (torch.empty_like(val, dtype=torch.int8),
                              val.new_empty((*val.shape[:-1], 1), dtype=torch.float32))

@@ -187,6 +187,13 @@ def lower_dbllm_ops(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
     from torch._subclasses.fake_tensor import is_fake
 
     values = _placeholder_values(gm, example_inputs)
+    if opts.int_activations:
+        from dbllm_compile.passes.int_activations import use_int_activations
+
+        rep = use_int_activations(gm)
+        record.lowered["act_quant_int"] += rep.quantizers
+        record.lowered["db_linear_a4"] += rep.linears
+        record.fallbacks.extend((name, f"int_activations: {why}") for name, why in rep.skipped)
     gpu_index = 0
     gpu_op = getattr(torch.ops.dbllm, "db_linear_gpu", None)
     for node in list(gm.graph.nodes):

@@ -57,6 +57,10 @@ class CompileOptions:
             eagerly (debugging, fast tests).
         inductor_options: Inductor config patches (as ``torch.compile(options=...)`` takes for
             the ``"inductor"`` backend), applied after those of ``mode``.
+        int_activations: in a deployed W(1+1)A4 model, rewrite ``act_quant`` + ``db_linear`` into
+            ``act_quant_int`` + ``db_linear_a4`` (int8 codes, the A4 Triton GEMM on CUDA; see
+            ``passes/int_activations.py``). Off by default until its GPU speed is measured; on
+            CPU it changes nothing numerically (the reference ops are bit-identical).
         mode: Inductor mode of the non-quantized part (``"default"``, ``"reduce-overhead"``: CUDA
             graphs, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``). ``torch.compile``
             refuses ``mode=`` together with ``options=``, so with options the mode goes here;
@@ -88,6 +92,7 @@ class CompileOptions:
     inductor_options: Mapping[str, Any] = field(default_factory=dict)
     strict: bool = False
     mode: str | None = None
+    int_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.activations == "a4":
@@ -110,7 +115,7 @@ class CompileOptions:
                 f"torch.compile backend 'dbllm': options['decompose_train'] must be True, False or "
                 f"'auto', got {self.decompose_train!r}"
             )
-        for name in ("keep_head", "gpu_op", "inductor", "strict"):
+        for name in ("keep_head", "gpu_op", "inductor", "strict", "int_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"torch.compile backend 'dbllm': options[{name!r}] must be True or False, "
