@@ -29,10 +29,11 @@ from dbllm_compile.ops import DEPLOY_OP, op_arguments
 
 
 def _int_level_scales(a1: torch.Tensor, a2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a1f, a2f = a1.float(), a2.float()
-    top = torch.maximum(torch.maximum(a1f.abs(), a2f.abs()), (a1f + a2f).abs())
-    t = torch.where(top > 0, top / 127.0, torch.ones_like(top))
-    return (t * torch.round(a1f / t)).to(a1.dtype), (t * torch.round(a2f / t)).to(a2.dtype)
+    """The scales ``(t * i1, t * i2)`` of the kernel's integer-level form (``a4.int_levels``)."""
+    from dbllm_compile.backends.triton.a4 import int_levels
+
+    t, i1, i2 = int_levels(a1, a2)
+    return (t * i1).to(a1.dtype), (t * i2).to(a2.dtype)
 
 
 def main() -> int:

@@ -105,8 +105,9 @@ def bench_a4(r: dict, x: torch.Tensor, layers: list, lq: int) -> None:
     q, s = a4.act_quant_int8(x, ratio, layers[0].qweight.shape[1] * 16)
     for int_levels in (False, True):
         name = "a4_int_levels" if int_levels else "a4_exact"
-        times = {}
+        times, configs = {}, {}
         for bm, bn, w, st in A4_CONFIGS:
+            configs[f"m{bm}n{bn}w{w}s{st}"] = (bm, bn, w, st)
             try:
                 fn = lambda: [a4.a4_linear(x, ratio, gw, None, int_levels=int_levels, block_m=bm, block_n=bn,  # noqa: E731
                                            num_warps=w, num_stages=st) for gw in layers]
@@ -120,8 +121,9 @@ def bench_a4(r: dict, x: torch.Tensor, layers: list, lq: int) -> None:
             continue
         best = min(ok, key=ok.get)
         r[f"{name}_us"], r[f"{name}_config"], r[f"{name}_candidates_us"] = ok[best], best, times
-        bm, bn = (int(v) for v in best[1:].split("w")[0].split("n"))
-        y = a4.a4_linear(x, ratio, layers[0], None, int_levels=int_levels, block_m=bm, block_n=bn).double()
+        bm, bn, w, st = configs[best]
+        y = a4.a4_linear(x, ratio, layers[0], None, int_levels=int_levels, block_m=bm, block_n=bn,
+                         num_warps=w, num_stages=st).double()
         ref = a4.a4_linear_reference(q, s, layers[0], None, int_levels_mode=int_levels)
         r[f"{name}_rel_err"] = float((y - ref).norm() / ref.norm())
 

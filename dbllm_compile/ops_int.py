@@ -27,7 +27,7 @@ from dbllm_compile.ops import _check_act_args, _check_deploy_args
 from dbllm_compile.reference.activation import dequantize_activation, quantize_activation_int
 from dbllm_compile.reference.linear import db_linear_packed_reference
 
-__all__ = ["act_quant_int", "db_linear_a4", "ACT_QUANT_INT_OP", "DB_LINEAR_A4_OP"]
+__all__ = ["act_quant_int", "db_linear_a4", "db_linear_a4_reference", "ACT_QUANT_INT_OP", "DB_LINEAR_A4_OP"]
 
 
 @torch.library.custom_op("dbllm::act_quant_int", mutates_args=())
@@ -68,6 +68,11 @@ def db_linear_a4(
 ) -> torch.Tensor:
     """Dual-binary linear on 4-bit activation codes (module docstring)."""
     _check_a4_args(codes, scale, packed, a1, a2, bias, in_features, group_size, out_dtype, c)
+    return db_linear_a4_reference(codes, scale, packed, a1, a2, bias, in_features, group_size, out_dtype, c)
+
+
+def db_linear_a4_reference(codes, scale, packed, a1, a2, bias, in_features, group_size, out_dtype, c=None):
+    """The reference of ``db_linear_a4``: dequantize the codes, then the packed dual-binary linear."""
     x_hat = dequantize_activation(codes, scale, out_dtype)
     return db_linear_packed_reference(x_hat, packed, a1, a2, bias, in_features, group_size, c)
 

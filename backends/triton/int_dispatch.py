@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from dbllm_compile.reference.activation import dequantize_activation, quantize_activation_int
 from dbllm_compile.reference.dual_binary import padded_in_features
-from dbllm_compile.reference.linear import add_offset_term, db_linear_packed_reference
+from dbllm_compile.ops_int import db_linear_a4_reference
+from dbllm_compile.reference.linear import add_offset_term
 
 from .dispatch import prepare_cached
 
@@ -43,8 +44,7 @@ def db_linear_a4_cuda(codes: torch.Tensor, scale: torch.Tensor, packed: torch.Te
     from .a4 import a4_matmul, a4_supported
 
     if out_dtype not in (torch.float16, torch.bfloat16) or not a4_supported(group_size):
-        x_hat = dequantize_activation(codes, scale, out_dtype)
-        return db_linear_packed_reference(x_hat, packed, a1, a2, bias, in_features, group_size, c)
+        return db_linear_a4_reference(codes, scale, packed, a1, a2, bias, in_features, group_size, out_dtype, c)
     gw = prepare_cached(packed, a1, a2, in_features, group_size, out_dtype)
     q2 = codes.reshape(-1, in_features)
     k_pad = padded_in_features(in_features, group_size)

@@ -222,7 +222,7 @@ def choose_traced(device: torch.device, dtype: torch.dtype, m: Any, n: int, k: i
     """The configuration for a traced call (``torch.compile``, export): the cached choice, else
     tune now on synthetic CUDA inputs of the traced shapes (random codes and scales: the kernels'
     speed does not depend on the values), else the default. ``m`` must be a concrete int to tune
-    (a symbolic batch gets the default of its hint-free bucket)."""
+    (a symbolic batch, e.g. an export with a dynamic batch, gets the decode default, M <= 16)."""
     if not isinstance(m, int):
         return default_config(16, n, k, g)
     cfg = lookup(device, dtype, m, n, k, g)
