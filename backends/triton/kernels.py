@@ -15,6 +15,9 @@ Two kernels:
   at M = 1 only one row is read; small ``BLOCK_N`` so that ``cdiv(N, BLOCK_N)`` programs cover
   every SM, each streaming whole rows of K) and prefill (``BLOCK_M`` 64-256, grouped tile order
   for L2 reuse). Weight rows past N are clamped to row N-1 (loads need no mask; the store is).
+  ``SPLIT_K > 1`` (decode) adds a grid axis over K: each program covers a whole number of
+  ``BLOCK_K`` tiles of K and writes a float32 partial, summed by the reduce kernel of
+  :mod:`.splitk`.
 - :func:`db_dequant_kernel` writes the dense ``[N, K]`` weight in the activation dtype, for the
   large-M path "dequantize, then cuBLAS".
 
@@ -139,6 +142,7 @@ def db_matmul_kernel(
     out_ptr,  # [M, N] (row stride stride_om)
     # sizes
     M, N, K,
+    TILES_PER_SPLIT,  # BLOCK_K tiles per K split (read only when SPLIT_K > 1)
     # strides, in elements
     stride_xm, stride_qn, stride_sn, stride_om,
     # meta-parameters
@@ -148,8 +152,17 @@ def db_matmul_kernel(
     SWAP: tl.constexpr,  # False: out^T = W @ x^T (W is the register A operand); True: out = x @ W^T
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks on x
     HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,  # 1: whole K per program; > 1: K split along grid axis 1 (below)
 ):
-    """One ``[BLOCK_M, BLOCK_N]`` output tile per program over the whole K (see module docstring)."""
+    """One ``[BLOCK_M, BLOCK_N]`` output tile per program (see module docstring).
+
+    ``SPLIT_K = 1``: the program covers the whole K and writes ``out`` (bias added, cast).
+    ``SPLIT_K > 1``: program ``(tile, s)`` (``s = program_id(1)``) covers the K tiles
+    ``[s * TILES_PER_SPLIT, (s + 1) * TILES_PER_SPLIT)`` cut at the last tile with real features
+    and writes its float32 partial to ``out_ptr + s * M * N``, a workspace ``[splits, M, N]``
+    (row stride ``stride_om = N``; the launcher passes ``HAS_BIAS=False``); a split past the real
+    K stores zeros. :func:`~.splitk.splitk_reduce_kernel` sums the partials.
+    """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -172,12 +185,23 @@ def db_matmul_kernel(
     qw_ptrs = qw_ptr + rows_n[:, None].to(tl.int64) * stride_qn + tl.arange(0, NW)[None, :]
     sc_ptrs = sc_ptr + rows_n[:, None, None].to(tl.int64) * stride_sn + (tl.arange(0, NGT)[None, :, None] * 2 + pair[None, None, :])
     x_ptrs = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = tl.cdiv(K, BLOCK_K)
+    else:
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * TILES_PER_SPLIT
+        k_hi = tl.minimum(k_lo + TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))  # k_lo >= k_hi: no iteration
+        qw_ptrs += k_lo * NW
+        sc_ptrs += k_lo * (NGT * 2)
+        x_ptrs += k_lo * BLOCK_K
+        out_ptr += pid_k.to(tl.int64) * M * N  # this split's [M, N] slice of the workspace
 
     if SWAP:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    for k0 in range(k_lo, k_hi):
         words = tl.load(qw_ptrs)
         sc = tl.load(sc_ptrs)
         if EVEN_K:

@@ -1,22 +1,24 @@
-"""Launchers: check constraints, allocate the output, launch one kernel with one configuration.
+"""Launchers: check constraints, allocate the output, launch the kernels of one configuration.
 
 A configuration is a :class:`KernelConfig`; which one runs is decided by :mod:`.dispatch`
 (tuned, cached on disk by :mod:`.tuning`). Launchers never synchronise and allocate nothing but
-their outputs (and, on the ``dequant`` path, the dense weight), so they are safe inside CUDA
-graph capture.
+their outputs (plus the dense weight on the ``dequant`` path and the float32 partials of a
+split-K launch, all with ``torch.empty``), so they are safe inside CUDA graph capture.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from .layout import K_ALIGN, GpuWeights
 
-__all__ = ["KernelConfig", "interpreted", "launch_matmul", "launch_dequant", "run_config", "config_fits"]
+__all__ = ["KernelConfig", "interpreted", "launch_matmul", "launch_dequant", "run_config", "config_fits",
+           "check_config"]
 
 
 def interpreted() -> bool:
@@ -34,6 +36,13 @@ class KernelConfig:
     ``chunk_n > 0`` does it ``chunk_n`` output rows at a time (dense chunk sized to stay in L2
     until cuBLAS reads it; each chunk's product is written straight into a column slice of the
     output, which cuBLAS takes with leading dimension N, no copy).
+    ``split_k > 1`` (fused only): K is cut into up to ``split_k`` ranges of whole ``block_k``
+    tiles, one program per output tile and range, float32 partials summed by a second kernel
+    (:mod:`.splitk`). ``1`` is the single-kernel path.
+
+    Names (:meth:`short`, :meth:`parse`): ``m16n64k256g1w4s4`` (``m`` block_m, ``n`` block_n,
+    ``k`` block_k, ``g`` group_tiles, ``w`` num_warps, ``s`` num_stages), ``x`` appended for
+    ``swap``, ``sk4`` for ``split_k=4``; ``dequant32x512w4c1024+cublas`` for the dequant kind.
     """
 
     kind: str = "fused"
@@ -45,25 +54,71 @@ class KernelConfig:
     chunk_n: int = 0
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
+
+    def __post_init__(self):
+        if self.kind not in ("fused", "dequant"):
+            raise ValueError(f"kernel config {self.short()}: kind must be 'fused' or 'dequant', got {self.kind!r}")
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"kernel config {self.short()}: split_k must be an int >= 1 (1 = no split), "
+                             f"got {self.split_k!r}")
+        if self.split_k > 1 and self.kind != "fused":
+            raise ValueError(f"kernel config {self.short()}: split_k={self.split_k} applies to the fused kernel "
+                             "only; use split_k=1 with kind='dequant'")
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_json(d: dict) -> "KernelConfig":
+        """Inverse of :meth:`to_json`; a missing ``split_k`` (entries written before split-K) is 1."""
+        unknown = set(d) - {f.name for f in fields(KernelConfig)}
+        if unknown:
+            raise ValueError(f"kernel config {d}: unknown fields {sorted(unknown)} (written by a newer version?)")
         return KernelConfig(**d)
 
     def short(self) -> str:
         if self.kind == "dequant":
             chunk = f"c{self.chunk_n}" if self.chunk_n else ""
             return f"dequant{self.block_n}x{self.block_k}w{self.num_warps}{chunk}+cublas"
+        split = f"sk{self.split_k}" if self.split_k != 1 else ""
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_tiles}"
-                f"w{self.num_warps}s{self.num_stages}" + ("x" if self.swap else ""))
+                f"w{self.num_warps}s{self.num_stages}" + ("x" if self.swap else "") + split)
+
+    @staticmethod
+    def parse(name: str) -> "KernelConfig":
+        """The configuration named ``name`` (:meth:`short`'s format; names without ``sk`` have ``split_k=1``)."""
+        m = _FUSED_NAME.fullmatch(name)
+        if m:
+            bm, bn, bk, gt, w, st, swap, sk = m.groups()
+            return KernelConfig(block_m=int(bm), block_n=int(bn), block_k=int(bk), group_tiles=int(gt),
+                                swap=bool(swap), num_warps=int(w), num_stages=int(st), split_k=int(sk or 1))
+        m = _DEQUANT_NAME.fullmatch(name)
+        if m:
+            bn, bk, w, chunk = m.groups()
+            return KernelConfig(kind="dequant", block_n=int(bn), block_k=int(bk), num_warps=int(w),
+                                chunk_n=int(chunk or 0))
+        raise ValueError(f"not a kernel config name: {name!r} (expected e.g. 'm16n64k256g1w4s4', "
+                         "'m16n64k256g1w4s4sk4' or 'dequant32x512w4+cublas')")
+
+
+_FUSED_NAME = re.compile(r"m(\d+)n(\d+)k(\d+)g(\d+)w(\d+)s(\d+)(x?)(?:sk(\d+))?")
+_DEQUANT_NAME = re.compile(r"dequant(\d+)x(\d+)w(\d+)(?:c(\d+))?\+cublas")
 
 
 def config_fits(cfg: KernelConfig, group_size: int) -> bool:
     """Whether ``cfg`` is valid for this group size (BLOCK_K a multiple of G dividing 1024)."""
     return cfg.block_k % group_size == 0 and K_ALIGN % cfg.block_k == 0
+
+
+def check_config(cfg: KernelConfig, group_size: int) -> None:
+    """Raise a ``ValueError`` naming ``cfg`` and the fix when it cannot run with this group size."""
+    if not config_fits(cfg, group_size):
+        fits = [b for b in (16, 32, 64, 128, 256, 512, 1024) if b % group_size == 0]
+        raise ValueError(
+            f"db_linear (triton): config {cfg.short()} has block_k={cfg.block_k}, which must be a multiple of "
+            f"group_size={group_size} dividing {K_ALIGN}; use block_k in {fits}"
+        )
 
 
 def _check_x(x2: torch.Tensor, gw: GpuWeights) -> None:
@@ -81,33 +136,49 @@ def _kernel(fn, wrap: bool):
 
 
 def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
-                  wrap: bool = False) -> torch.Tensor:
+                  wrap: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with the fused kernel; ``x2`` must have unit stride along K.
 
     ``wrap=True`` launches through ``torch.library.wrap_triton`` (inside a ``triton_op``).
+    ``out``: an ``[M, N]`` tensor of ``x2``'s dtype with unit stride along N to write into (any
+    row stride, e.g. a column slice of a wider buffer); allocated when ``None``.
+    ``cfg.split_k > 1``: the K plan of :func:`.splitk.split_plan`; with more than one split the
+    partials go to a float32 workspace ``[splits, M, N]`` and the reduce kernel writes ``out``.
     """
     from .kernels import db_matmul_kernel
+    from .splitk import launch_reduce, split_plan
 
     _check_x(x2, gw)
-    if not config_fits(cfg, gw.group_size):
-        raise ValueError(f"db_linear (triton): config {cfg.short()} does not fit group_size={gw.group_size}")
+    if cfg.kind != "fused":
+        raise ValueError(f"db_linear (triton): launch_matmul runs fused configs, got {cfg.short()}; use run_config")
+    check_config(cfg, gw.group_size)
     m, k = x2.shape
     n = gw.out_features
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    elif out.shape != (m, n) or out.dtype != x2.dtype or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"db_linear (triton): out must be [{m}, {n}] {x2.dtype} with unit stride along N, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if m == 0:
         return out
     if bias is not None and bias.dtype != x2.dtype:
         bias = bias.to(x2.dtype)
-    grid = (triton_cdiv(n, cfg.block_n) * triton_cdiv(m, cfg.block_m),)
+    per_split, splits = split_plan(k, cfg.block_k, cfg.split_k)
+    tiles = triton_cdiv(n, cfg.block_n) * triton_cdiv(m, cfg.block_m)
+    dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x2.device)
+    grid = (tiles,) if splits == 1 else (tiles, splits)
     _kernel(db_matmul_kernel, wrap)[grid](
-        x2, gw.qweight, gw.scales, bias if bias is not None else gw.scales, out,
-        m, n, k,
-        x2.stride(0), gw.qweight.stride(0), gw.scales.stride(0), out.stride(0),
+        x2, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
+        m, n, k, per_split if splits > 1 else 1,  # a constant on the single path: one specialisation
+        x2.stride(0), gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
         GROUP=gw.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_TILES=cfg.group_tiles, SWAP=cfg.swap, EVEN_K=(k % cfg.block_k == 0),
-        HAS_BIAS=bias is not None, IS_BF16=(x2.dtype == torch.bfloat16), USE_ASM=not interpreted(),
+        HAS_BIAS=bias is not None and splits == 1, IS_BF16=(x2.dtype == torch.bfloat16),
+        USE_ASM=not interpreted(), SPLIT_K=1 if splits == 1 else cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        launch_reduce(dst, bias, out, wrap)
     return out
 
 
