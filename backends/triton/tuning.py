@@ -8,14 +8,21 @@ as ``<gpu name>.json``; later processes read the file and start without tuning. 
 graph capture, or under the Triton interpreter, nothing is benchmarked: a cached choice or
 :func:`default_config` is used.
 
-The file format (``version`` 1)::
+The file format (``version`` 2)::
 
-    {"version": 1, "gpu": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
-     "configs": {"float16|N4096|K4096|G64|M16": {"kind": "fused", "block_m": 16, ...}}}
+    {"version": 2, "gpu": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+     "configs": {"float16|N4096|K4096|G64|M16": {"kind": "fused", "block_m": 16, ..., "split_k": 4}}}
+
+Version 2 added ``split_k``. Version 1 files (written before split-K) are still read, their
+entries as ``split_k = 1``, and rewritten as version 2 at the next store; code that only knows
+version 1 ignores version-2 files instead of failing on the new field. A migrated decode entry
+was chosen among candidates without split-K: delete the file (or point
+``DBLLM_TRITON_CACHE_DIR`` elsewhere) to tune those shapes again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,10 +39,12 @@ from dbllm_compile.reference.dual_binary import padded_in_features
 
 from .launch import KernelConfig, config_fits, interpreted, run_config
 from .layout import K_ALIGN, GpuWeights
+from .splitk import RESIDENT_PER_SM, default_split_k, sm_count, split_options
 
 __all__ = ["m_bucket", "cache_key", "candidates", "default_config", "lookup", "choose", "choose_traced", "cache_path"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # 1: before split_k (entries load with split_k = 1)
 _lock = threading.Lock()
 _memory: dict[str, dict] | None = None  # key -> config json, as loaded from / written to disk
 
@@ -68,12 +77,24 @@ def _load(device: torch.device) -> dict[str, dict]:
         _memory = {}
         path = cache_path(device)
         try:
-            data = json.loads(path.read_text())
-            if data.get("version") == FORMAT_VERSION:
-                _memory.update(data.get("configs", {}))
+            _memory.update(_read_configs(path))
         except (OSError, ValueError):
             pass  # no cache yet, or unreadable: tune again
     return _memory
+
+
+def _read_configs(path: Path) -> dict[str, dict]:
+    """The valid entries of a cache file of a readable version (others are dropped: tuned again)."""
+    data = json.loads(path.read_text())
+    if data.get("version") not in READ_VERSIONS:
+        return {}
+    configs = {}
+    for key, d in data.get("configs", {}).items():
+        try:
+            configs[key] = KernelConfig.from_json(d).to_json()  # version 1: split_k filled in as 1
+        except (TypeError, ValueError) as e:
+            _log(f"ignoring cache entry {key} of {path}: {e}")
+    return configs
 
 
 def _store(device: torch.device, key: str, cfg: KernelConfig) -> None:
@@ -86,9 +107,7 @@ def _store(device: torch.device, key: str, cfg: KernelConfig) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         merged = {}
         try:
-            old = json.loads(path.read_text())
-            if old.get("version") == FORMAT_VERSION:
-                merged.update(old.get("configs", {}))
+            merged.update(_read_configs(path))
         except (OSError, ValueError):
             pass
         merged.update(mem)
@@ -102,13 +121,39 @@ def _store(device: torch.device, key: str, cfg: KernelConfig) -> None:
         pass  # a read-only home: keep the choice for this process only
 
 
-def candidates(m: int, n: int, k: int, g: int) -> list[KernelConfig]:
-    """Configurations tried for this shape (filtered to those valid for ``g``)."""
+# Decode (M <= 16) block configurations without split: (BLOCK_N, BLOCK_K, warps, stages). Four
+# earlier ones are dropped after the H100 run of 2026-11-23 (benchmarks/results/h100_2026-11-23.json,
+# 10 decode cases): n64k128w4s6 (within 2.2% of n64k128w4s4 in every case), n128k256w8s4 (at
+# most 1.8% faster than n128k256w4s4, up to 6.7% slower) and n128k128w4s4, n256k128w8s4 (6th
+# to 9th of 9 in every case). n32k256w2s6 ranked as low but stays: the only narrow tile, for
+# small N that run did not measure.
+_DECODE = [(32, 256, 2, 6), (64, 128, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3), (128, 256, 4, 4)]
+# Block configurations tried with split-K: the two decode winners of that run, and for small
+# layers (fewer N/64 x K/256 tiles than one wave of programs, e.g. SmolLM2-135M's 576 x 576)
+# n64 and a narrower, shorter tile instead of n128 (which would only remove programs).
+_SPLIT_BASES = [(64, 256, 4, 4), (128, 256, 4, 4)]
+_SMALL_SPLIT_BASES = [(64, 256, 4, 4), (32, 128, 2, 4)]
+
+
+def candidates(m: int, n: int, k: int, g: int, sms: int | None = None) -> list[KernelConfig]:
+    """Configurations tried for this shape (filtered to those valid for ``g``).
+
+    Decode (``m <= 16``): the block configurations of ``_DECODE`` without split, then split-K
+    versions of ``_SPLIT_BASES`` (``_SMALL_SPLIT_BASES`` for layers whose ``N/64 x K/256``
+    tiles are fewer than one wave) with the splits of :func:`.splitk.split_options`: program
+    counts near one and two waves of ``sms`` SMs x :data:`.splitk.RESIDENT_PER_SM`, each split
+    at least two K tiles long, plus the untuned default's split. ``sms`` defaults to the
+    current GPU's SM count (:func:`.splitk.sm_count`).
+    """
     F = KernelConfig
     if m <= 16:
-        c = [F(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
-            (32, 256, 2, 6), (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 4), (64, 512, 4, 3),
-            (128, 128, 4, 4), (128, 256, 4, 4), (128, 256, 8, 4), (256, 128, 8, 4)]]
+        sms = sms or sm_count()
+        c = [F(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in _DECODE]
+        small = -(-n // 64) * -(-k // 256) < sms * RESIDENT_PER_SM
+        for bn, bk, w, s in _SMALL_SPLIT_BASES if small else _SPLIT_BASES:
+            if bk % g == 0:
+                c += [F(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
+                      for sk in split_options(n, k, bn, bk, sms)]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
         c = [F(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
@@ -123,15 +168,22 @@ def candidates(m: int, n: int, k: int, g: int) -> list[KernelConfig]:
         chunk = max(256, (24 * 2**20 // (2 * k)) // 256 * 256)  # a 24 MiB dense chunk stays in L2
         if chunk < n:
             c.append(F(kind="dequant", block_n=32, block_k=512, num_warps=4, chunk_n=chunk))
-    return [x for x in c if config_fits(x, g)] or [default_config(m, n, k, g)]
+    return [x for x in c if config_fits(x, g)] or [default_config(m, n, k, g, sms)]
 
 
-def default_config(m: int, n: int, k: int, g: int) -> KernelConfig:
-    """A reasonable configuration without tuning (interpreter, graph capture, traced ops)."""
+def default_config(m: int, n: int, k: int, g: int, sms: int | None = None) -> KernelConfig:
+    """A reasonable configuration without tuning (interpreter, graph capture, traced ops).
+
+    Decode: ``m16n64k256w4s4`` (the tuned choice in 8 of the 10 decode cases of the H100 run of
+    2026-11-23) with the split of :func:`.splitk.default_split_k` for ``sms`` SMs (default: the
+    current GPU's count). The earlier default, ``n32`` with 2 warps below N = 8192 and ``n128``
+    above, was not timed itself; its nearest candidate below 8192, ``m16n32k256w2s6``, took
+    1.3-2.0x the tuned time in that run.
+    """
     bk = max(g, 256 if m <= 64 else 64)
     if m <= 16:
-        bn = 32 if n <= 8192 else 128
-        return KernelConfig(block_m=16, block_n=bn, block_k=bk, num_warps=2 if bn == 32 else 4, num_stages=4)
+        split = default_split_k(n, k, 64, bk, sms or sm_count())
+        return KernelConfig(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=4, split_k=split)
     if m <= 64:
         return KernelConfig(block_m=32 if m <= 32 else 64, block_n=64, block_k=bk, num_warps=4, num_stages=4)
     return KernelConfig(block_m=128, block_n=128, block_k=bk, group_tiles=8, num_warps=8, num_stages=3)
@@ -176,7 +228,9 @@ def tune(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, reps: int 
     flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=x2.device)  # larger than any L2
     results: dict[str, float] = {}
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, n, k, g):
+    sms = sm_count(x2.device)
+    cands = candidates(m, n, k, g, sms)
+    for cfg in cands:
         try:
             run_config(x2, gw, bias, cfg)  # compile + warm up
             torch.cuda.synchronize(x2.device)
@@ -186,7 +240,7 @@ def tune(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, reps: int 
             _log(f"config {cfg.short()} failed for N={n} K={k} M={m}: {type(e).__name__}: {str(e)[:200]}")
             continue
         results[cfg.short()] = ms
-    ran = [c for c in candidates(m, n, k, g) if not math.isnan(results.get(c.short(), math.nan))]
+    ran = [c for c in cands if not math.isnan(results.get(c.short(), math.nan))]
     if not ran:
         raise RuntimeError(f"db_linear (triton): no configuration ran for N={n} K={k} G={g} M={m}")
     # second pass over the three fastest: single cold runs of a few microseconds are noisy
@@ -207,7 +261,7 @@ def choose(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None) -> Kerne
         return cfg
     if interpreted() or x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing() \
             or os.environ.get("DBLLM_TRITON_TUNE", "1") == "0":
-        return default_config(m, n, k, g)
+        return default_config(m, n, k, g, sm_count(x2.device))
     with _lock:
         t0 = time.perf_counter()
         cfg, results = tune(x2, gw, bias)
@@ -222,13 +276,14 @@ def choose_traced(device: torch.device, dtype: torch.dtype, m: Any, n: int, k: i
     """The configuration for a traced call (``torch.compile``, export): the cached choice, else
     tune now on synthetic CUDA inputs of the traced shapes (random codes and scales: the kernels'
     speed does not depend on the values), else the default. ``m`` must be a concrete int to tune
-    (a symbolic batch, e.g. an export with a dynamic batch, gets the decode default, M <= 16)."""
+    (a symbolic batch, e.g. an export with a dynamic batch, gets the decode default, M <= 16,
+    without split-K: the batch may be large at run time and the workspace grows with it)."""
     if not isinstance(m, int):
-        return default_config(16, n, k, g)
+        return dataclasses.replace(default_config(16, n, k, g, sm_count(device)), split_k=1)
     cfg = lookup(device, dtype, m, n, k, g)
     if cfg is not None or device.type != "cuda" or interpreted() or not torch.cuda.is_available() \
             or os.environ.get("DBLLM_TRITON_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return cfg or default_config(m, n, k, g)
+        return cfg or default_config(m, n, k, g, sm_count(device))
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes(), torch.no_grad():  # real tensors while the caller traces
