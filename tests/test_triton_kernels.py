@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_setup import DEVICE, GPU, make_layer
+from triton_setup import DEVICE, DTYPES, GPU, assert_close, make_layer, reference
 
 import dbllm_compile  # noqa: E402,F401
 import dbllm_compile.backends  # noqa: E402,F401  (registers the CUDA kernel and db_linear_gpu)
@@ -25,25 +25,6 @@ from dbllm_compile.backends.triton import launch, tuning  # noqa: E402
 from dbllm_compile.backends.triton.launch import KernelConfig  # noqa: E402
 from dbllm_compile.reference import dequantize_bits  # noqa: E402
 from dbllm_compile.reference.linear import db_linear_packed_reference  # noqa: E402
-
-DTYPES = [torch.float16, torch.bfloat16] if GPU else [torch.float16]
-RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def reference(x, packed, a1, a2, bias, k, g):
-    """float32 product of the weights the op's reference uses (``w_hat`` cast to x.dtype)."""
-    k_pad = packed.shape[2] * 8
-    from dbllm_compile.reference.packing import unpack_planes
-
-    b1, b2 = unpack_planes(packed.cpu(), k_pad)
-    w = dequantize_bits(b1, b2, a1.cpu(), a2.cpu(), g)[:, :k].to(x.dtype).float()
-    y = x.cpu().float() @ w.T
-    return y if bias is None else y + bias.cpu().to(x.dtype).float()
-
-
-def assert_close(y, ref, dtype):
-    rtol = RTOL[dtype]
-    torch.testing.assert_close(y.cpu().float(), ref, rtol=rtol, atol=rtol * ref.abs().max().item())
 
 
 # ---------------------------------------------------------------- layout (bit-exact)
