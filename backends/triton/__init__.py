@@ -4,6 +4,7 @@
   repack from the reference layout; documented there and in ``docs/kernels.md``.
 - :mod:`.kernels`: the Triton kernels (fused decode/GEMM, dequantize-to-dense).
 - :mod:`.launch`: one configuration, one launch.
+- :mod:`.splitk`: split-K for decode (K plan, reduce kernel, default split heuristic).
 - :mod:`.tuning`: configuration choice per shape, cached on disk per GPU model.
 - :mod:`.dispatch`: the CUDA implementation of ``torch.ops.dbllm.db_linear`` (weight cache).
 - :mod:`.prepared_op`: ``torch.ops.dbllm.db_linear_gpu``, a ``triton_op`` on prepared weights.

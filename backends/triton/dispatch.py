@@ -11,8 +11,9 @@
 2. picks a configuration by ``M`` bucket and shape (:mod:`.tuning`: cached on disk, tuned on
    the first eager call of a new shape);
 3. launches it. No host synchronisation and no allocation but the output (and, on the
-   ``dequant`` path, the dense weight) once the layer is prepared and the shape tuned, so CUDA
-   graphs capture it; run one eager call per layer and shape before capturing.
+   ``dequant`` path, the dense weight; with split-K, the float32 partials) once the layer is
+   prepared and the shape tuned, so CUDA graphs capture it; run one eager call per layer and
+   shape before capturing.
 
 Falls back to the reference (dequantize + ``F.linear``, on the GPU) for what the kernels do not
 cover: activations other than fp16/bf16, group sizes that are not a multiple of 16 dividing 1024,
