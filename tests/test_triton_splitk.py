@@ -175,6 +175,7 @@ def test_split_k_matches_reference(m, n, k, g, bn, bk, split, swap, with_bias, r
 
 
 def test_split_k_is_deterministic_and_close_to_unsplit():
+    """Two runs, and the ``wrap_triton`` launch of the ``triton_op``, are bit-identical."""
     m, n, k, g = 3, 40, 576, 64
     packed, a1, a2, bias, _ = make_layer(n, k, g, seed=5)
     gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16)
@@ -182,6 +183,7 @@ def test_split_k_is_deterministic_and_close_to_unsplit():
     cfg = KernelConfig(block_m=16, block_n=32, block_k=64, num_stages=2, split_k=4)
     y1, y2 = dbt.run_config(x, gw, bias, cfg), dbt.run_config(x, gw, bias, cfg)
     assert torch.equal(y1, y2)
+    assert torch.equal(dbt.run_config(x, gw, bias, cfg, wrap=True), y1)  # as db_linear_gpu launches it
     y0 = dbt.run_config(x, gw, bias, KernelConfig(block_m=16, block_n=32, block_k=64, num_stages=2))
     assert_close(y1, y0.float().cpu(), torch.float16)
 
