@@ -115,13 +115,14 @@ def default_split_k(n: int, k: int, block_n: int, block_k: int, sms: int = H100_
     cannot keep enough loads in flight. Doubling the split doubles the programs. Rules:
 
     - double ``S`` (1, 2, 4, 8 at most ``max_split``) while the grid holds fewer than
-      ``min_programs_per_sm`` programs per SM (three of the four a 132-SM H100 holds at once,
+      ``min_programs_per_sm`` programs per SM (three of the four an H100 SM holds at once,
       :data:`RESIDENT_PER_SM`: beyond that the programs already fill the SMs, and each doubling
       costs a larger workspace and more work in the reduce kernel);
     - each split keeps at least ``min_split_tiles`` K tiles (1024 features at ``BLOCK_K`` =
       256): a program spends a fixed cost on filling its load pipeline (``num_stages``) and on
-      writing its partial, so very short splits mostly add overhead. Small layers (K < 2048 at
-      ``BLOCK_K`` = 256, e.g. SmolLM2's 576 x 576) therefore stay unsplit: they are bound by
+      writing its partial, so very short splits mostly add overhead. Layers with fewer than
+      ``2 * min_split_tiles`` K tiles (K <= 1792 at ``BLOCK_K`` = 256, e.g. every SmolLM2-135M
+      linear: K = 576 or 1536) therefore stay unsplit; the small ones among them are bound by
       launch latency, which the reduce kernel's launch would add to.
 
     These are reasoned defaults, not GPU measurements; tuning replaces them per shape.
