@@ -162,6 +162,13 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
         best = min(timed, key=timed.get)
         r["fused_config"] = best.short()
         r["fused_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
+    if m <= 16 and getattr(cfg, "split_k", 1) > 1:  # before/after split-K in the same run
+        unsplit = [c for c in tuning.candidates(m, n, k, G) if c.kind == "fused" and c.split_k == 1]
+        timed = {c: cand[c.short()] for c in unsplit if not math.isnan(cand.get(c.short(), math.nan))}
+        if timed:
+            best = min(timed, key=timed.get)
+            r["unsplit_config"] = best.short()
+            r["unsplit_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
     if a4 and m >= 16:
         bench_a4(r, x, layers, lq)
     del layers
@@ -265,12 +272,15 @@ def main() -> None:
             results.append(r)
             print(f"N={n:6d} K={k:6d} M={m:5d}  cuBLAS {r['cublas_us']:9.1f} us  ours {r['ours_us']:9.1f} us "
                   f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"
-                  f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else ""),
+                  f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else "")
+                  + (f"  unsplit {r['unsplit_us']:.1f} us ({r['unsplit_config']})" if "unsplit_us" in r else ""),
                   flush=True)
             for name in ("a4_exact", "a4_int_levels"):
                 if f"{name}_us" in r:
                     print(f"    {name}: {r[f'{name}_us']:.1f} us ({r[f'{name}_config']}) x{r['cublas_us'] / r[f'{name}_us']:.2f} "
                           f"vs cuBLAS, err {r[f'{name}_rel_err']:.1e}", flush=True)
+            # partial results survive a timeout of the device call
+            (out / "bench_kernels.partial.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
     info["copy_GBps_end"] = copy_bandwidth() / 1e9
     doc = {"info": info, "results": results}
     if args.second_process and shapes:
