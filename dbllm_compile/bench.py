@@ -150,9 +150,13 @@ def greedy_match(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_tokens
     deployed = dc.convert(dc.quantize(model, (ids,), dc.DBLLMConfig(init=init), example_kwargs={"use_cache": False},
                                       progress=False), progress=False)
     seq = ids
+    margins = []  # eager top-1 minus top-2 logit per step: how close each greedy choice was
     with torch.no_grad():
         for _ in range(new_tokens):
-            nxt = deployed(seq).logits[:, -1].argmax(-1, keepdim=True)
+            last = deployed(seq).logits[:, -1].float()
+            top2 = last.topk(2, dim=-1).values[0]
+            margins.append(float(top2[0] - top2[1]))
+            nxt = last.argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     eager = seq[0, ids.shape[1]:].tolist()
     del deployed
@@ -162,4 +166,6 @@ def greedy_match(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_tokens
     compiled = gen.generate(ids, new_tokens).tokens[0].tolist()
     same = next((i for i, (a, b) in enumerate(zip(eager, compiled)) if a != b), len(eager))
     return {"init": init, "new_tokens": new_tokens, "eager_tokens": eager, "compiled_tokens": compiled,
-            "identical": eager == compiled, "first_difference_at": None if eager == compiled else same}
+            "identical": eager == compiled, "first_difference_at": None if eager == compiled else same,
+            "eager_top2_margins": margins,
+            "margin_at_first_difference": None if eager == compiled else margins[same]}
