@@ -91,7 +91,18 @@ def test_ops_pass_opcheck_and_match_the_fake_quant_pair():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the int8 kernels)")
-def test_cuda_int8_path_matches_the_fake_quant_model():
+def test_cuda_int8_path_matches_the_reference_call_by_call():
+    """Every ``act_quant_int`` / ``db_linear_a4`` call of the rewritten model on CUDA against the
+    same op on CPU with the same inputs: codes and scales bit-exact, outputs within fp16 rounding.
+
+    Call by call, not logits against logits: the CUDA int8 GEMM uses the exact codes times the
+    float32 token scale, the reference rounds ``codes * scale`` to fp16 first (it mirrors the
+    fake-quant pair bit for bit), so outputs differ by about one fp16 ulp (relative 3e-4,
+    measured on an H100, 2026-11-24, ``benchmarks/a4_gpu_diagnose.py``); each later 4-bit
+    quantizer turns such differences into flipped codes, and in a random 2-layer model the logits
+    then differ by ~10% (the same script), which says nothing about the kernels.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -99,9 +110,27 @@ def test_cuda_int8_path_matches_the_fake_quant_model():
                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
     model = LlamaForCausalLM(cfg).eval().to("cuda", torch.float16)
     d = _deployed_a4(model, _ids(2, 16, vocab=512).cuda())
-    ids = _ids(3, 11, seed=5, vocab=512).cuda()
-    with torch.no_grad():
-        before = d(ids, use_cache=False).logits.float()
-        assert use_int_activations(d.graph_module).linears == 14
-        after = d(ids, use_cache=False).logits.float()
-    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2 * before.abs().max().item())
+    assert use_int_activations(d.graph_module).linears == 14
+    checked = {"act_quant_int": 0, "db_linear_a4": 0}
+
+    class Compare(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if name in checked:
+                assert all(a.is_cuda for a in args if isinstance(a, torch.Tensor))
+                with _disable_current_modes():
+                    ref = func(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args], **(kwargs or {}))
+                if name == "act_quant_int":
+                    assert torch.equal(out[0].cpu(), ref[0]) and torch.equal(out[1].cpu(), ref[1])
+                else:
+                    assert out.dtype == ref.dtype == torch.float16
+                    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=2e-3,
+                                               atol=2e-3 * ref.abs().max().item())
+                checked[name] += 1
+            return out
+
+    with torch.no_grad(), Compare():
+        logits = d(_ids(3, 11, seed=5, vocab=512).cuda(), use_cache=False).logits
+    assert checked == {"act_quant_int": 8, "db_linear_a4": 14}
+    assert torch.isfinite(logits).all()

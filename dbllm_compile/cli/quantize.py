@@ -58,9 +58,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="UTF-8 text to calibrate on instead of (or mixed with, see --corpus-fraction) generated text")
     d.add_argument("--corpus-fraction", type=float, default=1.0,
                    help="fraction of calibration sequences taken from --corpus (default 1: corpus only)")
-    d.add_argument("--compile", action="store_true",
-                   help="compile the end-to-end step with torch.compile(backend='dbllm') (a step alone measured "
-                        "7.2x faster than eager on an H100; the first step pays the compile, minutes)")
+    d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the end-to-end step with torch.compile(backend='dbllm'); default: on with "
+                        "--device cuda, off on CPU. On an H100 the compiled recipe ran at ~6 steps/s against "
+                        "1.5 eager (docs/results.md section 3); the first step pays the compile (~4 min)")
     d.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     d.add_argument("--seed", type=int, default=0, help="seed of calibration data and data order")
     a = q.add_argument_group("4-bit activations, W(1+1)A4 (three stages: init, weights, activations)")
@@ -76,9 +77,10 @@ BUDGETS: dict[str, dict[str, int]] = {
     # 2 CPU cores, SmolLM2-135M (measured 2026-11-23): 21 s of data, 202 s block-wise, 98 s end to end.
     "cpu": {"tokens": 16 * 128, "calib_seq_len": 128, "block_steps": 16, "steps": 6, "batch_size": 4,
             "act_steps": 4},
-    # one H100, real SmolLM2-135M (measured 2026-11-23, docs/results.md): 17 min in all (63 s of data,
-    # 192 s block-wise, 680 s end to end); WikiText-2 perplexity 102.8 (full precision 28.74).
-    "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 1000, "batch_size": 8,
+    # one H100, real SmolLM2-135M, compiled end-to-end step (measured 2026-11-24, docs/results.md
+    # section 3): ~16 min uninterrupted (74 s of data, 225 s block-wise, ~240 s compile, ~340 s for
+    # 2,000 steps); WikiText-2 perplexity 91.1 (full precision 28.74; 1,000 eager steps: 102.8).
+    "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 2000, "batch_size": 8,
             "act_steps": 300},
 }
 
@@ -192,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                                     loss=LossSpec(args.loss), train_latent=not args.scales_only, seed=args.seed,
                                     # a checkpoint holds latents + AdamW state (~1.6 GB for 135M): not too often
                                     checkpoint_every=100 if budget["steps"] >= 500 else 25,
-                                    compile=args.compile)
+                                    compile=args.compile if args.compile is not None else device.type == "cuda")
     texts: dict[str, str] = {}
     extra_files: set[str] = set()
     if not args.no_default_text:

@@ -96,7 +96,10 @@ def _token_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scale(m: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    s = ratio.float() * m / ACT_QMAX
+    # IEEE division by a tensor, not by the Python number: on CUDA PyTorch divides by a scalar as
+    # a multiplication by its reciprocal, which moves s by an ulp and flips codes at ties (so the
+    # CPU reference, the CUDA reference and the Triton kernel's div_rn would disagree).
+    s = (ratio.float() * m) / torch.full_like(m, float(ACT_QMAX))
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
