@@ -21,7 +21,7 @@ from dbllm_compile.backends import triton as dbt
 from dbllm_compile.backends.triton import launch, splitk, tuning
 from dbllm_compile.backends.triton.launch import KernelConfig
 
-BENCH_SHAPES = {(4096, 4096): 4, (11008, 4096): 4, (4096, 11008): 8, (8192, 8192): 4, (28672, 8192): 1,
+BENCH_SHAPES = {(4096, 4096): 4, (11008, 4096): 4, (4096, 11008): 8, (8192, 8192): 4, (28672, 8192): 2,
                 (576, 576): 1, (1536, 576): 1, (576, 1536): 1}  # (N, K): default split on 132 SMs
 
 
