@@ -104,13 +104,13 @@ def bench_a4(r: dict, x: torch.Tensor, layers: list, lq: int) -> None:
 
     ratio = torch.tensor(0.9, device="cuda")
     q, s = a4.act_quant_int8(x, ratio, layers[0].qweight.shape[1] * 16)
-    for int_levels in (False, True):
-        name = "a4_int_levels" if int_levels else "a4_exact"
+    for levels in ("exact", "group"):
+        name = "a4_int_levels" if levels == "group" else "a4_exact"
         times, configs = {}, {}
         for bm, bn, w, st in A4_CONFIGS:
             configs[f"m{bm}n{bn}w{w}s{st}"] = (bm, bn, w, st)
             try:
-                fn = lambda: [a4.a4_linear(x, ratio, gw, None, int_levels=int_levels, block_m=bm, block_n=bn,  # noqa: E731
+                fn = lambda: [a4.a4_linear(x, ratio, gw, None, levels=levels, block_m=bm, block_n=bn,  # noqa: E731
                                            num_warps=w, num_stages=st) for gw in layers]
                 fn()
                 times[f"m{bm}n{bn}w{w}s{st}"] = graph_ms(fn) * 1e3 / lq
@@ -123,10 +123,10 @@ def bench_a4(r: dict, x: torch.Tensor, layers: list, lq: int) -> None:
         best = min(ok, key=ok.get)
         r[f"{name}_us"], r[f"{name}_config"], r[f"{name}_candidates_us"] = ok[best], best, times
         bm, bn, w, st = configs[best]
-        y = a4.a4_linear(x, ratio, layers[0], None, int_levels=int_levels, block_m=bm, block_n=bn,
+        y = a4.a4_linear(x, ratio, layers[0], None, levels=levels, block_m=bm, block_n=bn,
                          num_warps=w, num_stages=st).double()
         rows = min(x.shape[0], 16)  # the float64 reference holds [M, N, groups]: check the first rows
-        ref = a4.a4_linear_reference(q[:rows], s[:rows], layers[0], None, int_levels_mode=int_levels)
+        ref = a4.a4_linear_reference(q[:rows], s[:rows], layers[0], None, levels=levels)
         r[f"{name}_rel_err"] = float((y[:rows] - ref).norm() / ref.norm())
 
 
