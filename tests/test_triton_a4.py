@@ -15,7 +15,7 @@ import torch
 from triton_setup import DEVICE, make_layer as make_packed_layer
 
 from dbllm_compile.backends.triton import a4  # noqa: E402
-from dbllm_compile.backends.triton.a4_reference import level_lut, level_scales, lut_levels  # noqa: E402
+from dbllm_compile.backends.triton.a4_reference import integer_weights, level_lut, level_scales, lut_levels  # noqa: E402
 from dbllm_compile.backends.triton.layout import to_gpu_layout  # noqa: E402
 from dbllm_compile.reference.activation import fake_quantize_activation, quantize_activation_int  # noqa: E402
 from dbllm_compile.reference.linear import db_linear_packed_reference  # noqa: E402
@@ -253,3 +253,40 @@ def test_row_level_error_is_bounded_by_the_row_step():
     assert err_row["max_abs_level_error"] <= t.max().item() * (1 + 1e-6)
     assert err_group["rel_level_error"] <= err_row["rel_level_error"] < 2 / 127
     assert a4.int_level_error(gwc, "exact")["rel_level_error"] == 0.0
+
+
+@pytest.mark.parametrize("n,k,g,wide", [(40, 100, 32, False), (72, 448, 64, True), (24, 384, 128, False)],
+                         ids=["g32-pad", "g64-k_alloc", "g128"])
+def test_row_int8_decode_matches_the_integer_weights(n, k, g, wide):
+    from dbllm_compile.backends.triton.a4_dense import decode_row_int8
+
+    gw, *_ = make_layer(n, k, g, seed=n + k)
+    k_w = gw.qweight.shape[1] * 16 if wide else None
+    w = decode_row_int8(gw, k_w=k_w, block_n=32, block_k=128).cpu()
+    w_ref, _ = integer_weights(_cpu(gw), "row")
+    assert w.dtype == torch.int8 and w.shape == (n, k_w or gw.k_pad)
+    assert torch.equal(w[:, :gw.k_pad].double(), w_ref) and not w[:, gw.k_pad:].any()
+
+
+@pytest.mark.parametrize("m,n,k,g", [(17, 40, 100, 32), (33, 64, 448, 64), (20, 32, 384, 128)],
+                         ids=["g32-pad-k", "g64", "g128"])
+def test_a4_row_dense_matches_the_fused_kernel_and_reference(m, n, k, g):
+    """decode + ``torch._int_mm`` + scale: the same float32 expression as the fused kernel."""
+    from dbllm_compile.backends.triton.a4_dense import a4_row_dense_matmul, decode_row_int8
+
+    gw, packed, a1, a2, bias = make_layer(n, k, g, seed=m + k)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(7)) * 2).half().to(DEVICE)
+    r = torch.tensor(0.9)
+    q, s = a4.act_quant_int8(x, r, gw.qweight.shape[1] * 16)
+    y = a4_row_dense_matmul(q, s, gw, bias, torch.float16)
+    fused = a4.a4_matmul(q, s, gw, bias, torch.float16, levels="row", block_m=16, block_n=32, block_k=g)
+    ref = a4.a4_linear_reference(q.cpu(), s.cpu(), _cpu(gw), bias.cpu(), levels="row")
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+    torch.testing.assert_close(y, fused, rtol=1e-3, atol=1e-3 * fused.abs().max().item())
+    q_pad = q[:, :gw.k_pad].contiguous()   # codes only K_pad wide, weight decoded once and reused
+    y2 = a4_row_dense_matmul(q_pad, s, gw, bias, torch.float16, w_int=decode_row_int8(gw))
+    assert torch.equal(y2, y)
+    with pytest.raises(ValueError, match="contiguous int8"):
+        a4_row_dense_matmul(q[:, :k], s, gw, bias, torch.float16)
+    with pytest.raises(ValueError, match="w_int must be int8"):
+        a4_row_dense_matmul(q_pad, s, gw, bias, torch.float16, w_int=decode_row_int8(gw, k_w=q.shape[1]))

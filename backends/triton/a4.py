@@ -36,7 +36,8 @@ integer arithmetic (:func:`a4_linear_reference`), and against the module-level n
   int32 cannot overflow for ``K <= ROW_MAX_K`` (2,415,617; checked by the launcher). The per-row
   steps and group tables (:class:`~.a4_reference.RowLevels`, 4 bytes per group) are derived once
   per layer by :func:`~.a4_reference.prepare_row_levels`. Programs are ordered in bands of
-  ``GROUP_M`` row tiles (L2 reuse of the weight tiles, as in Triton's matmul tutorial).
+  ``GROUP_M`` row tiles (L2 reuse of the weight tiles, as in Triton's matmul tutorial). For large
+  M the same product can also run as decode-to-int8 + ``torch._int_mm`` (:mod:`.a4_dense`).
 
 Integer products are exact, so every kernel differs from the float64 evaluation of the same
 formula (:func:`a4_linear_reference`) only by the float32 scaling/accumulation and the final

@@ -33,7 +33,8 @@ import torch
 from .layout import GpuWeights, _code_shifts
 
 __all__ = ["LEVELS", "ROW_MAX_K", "RowLevels", "check_levels", "check_row_k", "int_levels", "row_int_levels",
-           "level_lut", "lut_levels", "prepare_row_levels", "level_scales", "a4_linear_reference", "int_level_error"]
+           "level_lut", "lut_levels", "prepare_row_levels", "level_scales", "integer_weights", "a4_linear_reference",
+           "int_level_error"]
 
 LEVELS = ("exact", "group", "row")
 """The level modes of the A4 GEMM (module docstring); ``"exact"`` is the default everywhere."""
@@ -185,6 +186,18 @@ def _integer_weights(codes: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor,
     b1, b2 = (codes & 1).double(), (codes >> 1).double()
     w = (b1 * i1.double()[..., None] + b2 * i2.double()[..., None]).clamp(-W_QMAX, W_QMAX)
     return w, t.double()
+
+
+def integer_weights(gw: GpuWeights, levels: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``levels`` ``"group"`` or ``"row"``: the integer weights ``w_int`` (float64 ``[N, K_pad]``,
+    integers in ``[-127, 127]``) and their step (float64 ``[N, NG]``; for ``"row"`` every group of
+    a row holds the row's step), so that ``w ~ w_int * step`` per group."""
+    if check_levels(levels, "integer_weights") == "exact":
+        raise ValueError("integer_weights: levels='exact' has no integer weights; use 'group' or 'row'")
+    ng, g = gw.num_groups, gw.group_size
+    w, t = _integer_weights(_codes(gw).reshape(-1, ng, g), gw.scales[:, :ng, 0].float(), gw.scales[:, :ng, 1].float(),
+                            levels)
+    return w.reshape(w.shape[0], -1), t
 
 
 def a4_linear_reference(codes_x: torch.Tensor, scale_x: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None,
