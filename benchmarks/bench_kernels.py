@@ -94,40 +94,92 @@ def n_layers(bytes_per_layer: float, l2: int) -> int:
 
 
 A4_CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4)]  # block_m, block_n, warps, stages
+A4_ROW_CONFIGS_SMALL_M = [(16, 64, 256, 4, 3), (16, 128, 256, 4, 4), (32, 64, 256, 4, 3), (64, 64, 128, 4, 3)]
+A4_ROW_CONFIGS = [(128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                  (128, 128, 64, 8, 4), (64, 128, 256, 4, 4), (128, 64, 256, 4, 4)]
+"""levels='row' fused kernel: block_m, block_n, block_k, warps, stages (untuned starting points)."""
+
+
+def _time_candidates(name: str, make_fn, configs: dict, lq: int) -> dict:
+    """Graph time per layer (us) of ``make_fn(*config)`` for every named config; NaN if it fails."""
+    times = {}
+    for cname, cfg in configs.items():
+        try:
+            fn = make_fn(*cfg)
+            fn()
+            times[cname] = graph_ms(fn) * 1e3 / lq
+        except Exception as e:  # a config that does not compile here
+            times[cname] = float("nan")
+            print(f"  {name} {cname}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+    return times
+
+
+def _record(r: dict, name: str, times: dict) -> str | None:
+    ok = {c: t for c, t in times.items() if not math.isnan(t)}
+    if not ok:
+        return None
+    best = min(ok, key=ok.get)
+    r[f"{name}_us"], r[f"{name}_config"], r[f"{name}_candidates_us"] = ok[best], best, times
+    return best
 
 
 def bench_a4(r: dict, x: torch.Tensor, layers: list, lq: int) -> None:
-    """4-bit activations (act-quant kernel + int8 GEMM, both INT_LEVELS forms), best of a few
-    untuned block configurations, over the same stack of layers; error vs the float64 formula
-    on the first 16 rows."""
+    """4-bit activations (act-quant kernel + int8 GEMM, every level mode), best of a few untuned
+    block configurations, over the same stack of layers; error vs the float64 formula of the mode
+    on the first 16 rows. Keys ``a4_exact_*`` (levels='exact'), ``a4_int_levels_*`` ('group'),
+    ``a4_row_*`` ('row', fused kernel), ``a4_row_dense_*`` ('row' as decode to int8 +
+    ``torch._int_mm`` + scale, M > 16), ``a4_row_int_mm_only_us`` (``torch._int_mm`` alone on
+    pre-decoded int8 weights: the floor of the dense form, not a deployable path at 8 bits/weight)."""
     from dbllm_compile.backends.triton import a4
+    from dbllm_compile.backends.triton.a4_dense import a4_row_dense_matmul, decode_row_int8
 
-    ratio = torch.tensor(0.9, device="cuda")
-    q, s = a4.act_quant_int8(x, ratio, layers[0].qweight.shape[1] * 16)
-    for int_levels in (False, True):
-        name = "a4_int_levels" if int_levels else "a4_exact"
-        times, configs = {}, {}
-        for bm, bn, w, st in A4_CONFIGS:
-            configs[f"m{bm}n{bn}w{w}s{st}"] = (bm, bn, w, st)
-            try:
-                fn = lambda: [a4.a4_linear(x, ratio, gw, None, int_levels=int_levels, block_m=bm, block_n=bn,  # noqa: E731
-                                           num_warps=w, num_stages=st) for gw in layers]
-                fn()
-                times[f"m{bm}n{bn}w{w}s{st}"] = graph_ms(fn) * 1e3 / lq
-            except Exception as e:  # a config that does not compile here
-                times[f"m{bm}n{bn}w{w}s{st}"] = float("nan")
-                print(f"  {name} m{bm}n{bn}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-        ok = {c: t for c, t in times.items() if not math.isnan(t)}
-        if not ok:
-            continue
-        best = min(ok, key=ok.get)
-        r[f"{name}_us"], r[f"{name}_config"], r[f"{name}_candidates_us"] = ok[best], best, times
-        bm, bn, w, st = configs[best]
-        y = a4.a4_linear(x, ratio, layers[0], None, int_levels=int_levels, block_m=bm, block_n=bn,
-                         num_warps=w, num_stages=st).double()
-        rows = min(x.shape[0], 16)  # the float64 reference holds [M, N, groups]: check the first rows
-        ref = a4.a4_linear_reference(q[:rows], s[:rows], layers[0], None, int_levels_mode=int_levels)
-        r[f"{name}_rel_err"] = float((y[:rows] - ref).norm() / ref.norm())
+    ratio = torch.tensor(0.9, device=x.device)
+    k_alloc = layers[0].qweight.shape[1] * 16
+    q, s = a4.act_quant_int8(x, ratio, k_alloc)
+    rows = min(x.shape[0], 16)  # the float64 reference holds [M, N, groups]: check the first rows
+
+    def check(name, y, levels):
+        ref = a4.a4_linear_reference(q[:rows], s[:rows], layers[0], None, levels=levels)
+        r[f"{name}_rel_err"] = float((y.double()[:rows] - ref).norm() / ref.norm())
+
+    for levels in ("exact", "group"):
+        name = "a4_int_levels" if levels == "group" else "a4_exact"
+        configs = {f"m{bm}n{bn}w{w}s{st}": (bm, bn, w, st) for bm, bn, w, st in A4_CONFIGS}
+        times = _time_candidates(name, lambda bm, bn, w, st: lambda: [a4.a4_linear(
+            x, ratio, gw, None, levels=levels, block_m=bm, block_n=bn, num_warps=w, num_stages=st) for gw in layers],
+            configs, lq)
+        best = _record(r, name, times)
+        if best:
+            bm, bn, w, st = configs[best]
+            check(name, a4.a4_linear(x, ratio, layers[0], None, levels=levels, block_m=bm, block_n=bn,
+                                     num_warps=w, num_stages=st), levels)
+
+    rls = [a4.prepare_row_levels(gw) for gw in layers]  # once per layer, as a weight cache would
+    m = x.shape[0]
+    configs = {f"m{bm}n{bn}k{bk}w{w}s{st}": (bm, bn, bk, w, st)
+               for bm, bn, bk, w, st in (A4_ROW_CONFIGS_SMALL_M if m <= 64 else A4_ROW_CONFIGS)}
+    times = _time_candidates("a4_row", lambda bm, bn, bk, w, st: lambda: [a4.a4_linear(
+        x, ratio, gw, None, levels="row", row_levels=rl, block_m=bm, block_n=bn, block_k=bk, num_warps=w,
+        num_stages=st) for gw, rl in zip(layers, rls)], configs, lq)
+    best = _record(r, "a4_row", times)
+    if best:
+        bm, bn, bk, w, st = configs[best]
+        check("a4_row", a4.a4_linear(x, ratio, layers[0], None, levels="row", row_levels=rls[0], block_m=bm,
+                                     block_n=bn, block_k=bk, num_warps=w, num_stages=st), "row")
+    if m > 16:
+        def dense(gw, rl):
+            qq, ss = a4.act_quant_int8(x, ratio, gw.qweight.shape[1] * 16)
+            return a4_row_dense_matmul(qq, ss, gw, None, x.dtype, row_levels=rl)
+
+        if _record(r, "a4_row_dense", _time_candidates(
+                "a4_row_dense", lambda: lambda: [dense(gw, rl) for gw, rl in zip(layers, rls)], {"default": ()}, lq)):
+            check("a4_row_dense", dense(layers[0], rls[0]), "row")
+        try:
+            w_ints = [decode_row_int8(gw, rl, k_alloc) for gw, rl in zip(layers, rls)]
+            r["a4_row_int_mm_only_us"] = graph_ms(lambda: [torch._int_mm(q, w.t()) for w in w_ints]) * 1e3 / lq
+            del w_ints
+        except Exception as e:  # out of memory at 8 bits per weight, or a cuBLAS shape limit
+            print(f"  a4_row_int_mm_only: {type(e).__name__}: {str(e)[:160]}", flush=True)
 
 
 def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: float, a4: bool = False) -> dict:
@@ -277,10 +329,12 @@ def main() -> None:
                   f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else "")
                   + (f"  unsplit {r['unsplit_us']:.1f} us ({r['unsplit_config']})" if "unsplit_us" in r else ""),
                   flush=True)
-            for name in ("a4_exact", "a4_int_levels"):
+            for name in ("a4_exact", "a4_int_levels", "a4_row", "a4_row_dense"):
                 if f"{name}_us" in r:
                     print(f"    {name}: {r[f'{name}_us']:.1f} us ({r[f'{name}_config']}) x{r['cublas_us'] / r[f'{name}_us']:.2f} "
                           f"vs cuBLAS, err {r[f'{name}_rel_err']:.1e}", flush=True)
+            if "a4_row_int_mm_only_us" in r:
+                print(f"    torch._int_mm alone (pre-decoded int8 weights): {r['a4_row_int_mm_only_us']:.1f} us", flush=True)
             # partial results survive a timeout of the device call
             (out / "bench_kernels.partial.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
     info["copy_GBps_end"] = copy_bandwidth() / 1e9

@@ -9,7 +9,9 @@
 - :mod:`.dispatch`: the CUDA implementation of ``torch.ops.dbllm.db_linear`` (weight cache).
 - :mod:`.prepared_op`: ``torch.ops.dbllm.db_linear_gpu``, a ``triton_op`` on prepared weights.
 - :mod:`.a4` / :mod:`.int_dispatch`: 4-bit activations: the quantization kernel and the int8
-  GEMM, and the CUDA implementations of ``dbllm::act_quant_int`` / ``dbllm::db_linear_a4``.
+  GEMMs, and the CUDA implementations of ``dbllm::act_quant_int`` / ``dbllm::db_linear_a4``;
+  :mod:`.a4_reference` (level modes ``exact``/``group``/``row``, float64 references, no Triton)
+  and :mod:`.a4_dense` (``levels="row"`` as decode to int8 + ``torch._int_mm``).
 
 Importing this package imports Triton; :func:`register` installs the CUDA kernel of
 ``dbllm::db_linear`` (called by :mod:`dbllm_compile.backends` when Triton is importable).

@@ -10,28 +10,43 @@ integer arithmetic (:func:`a4_linear_reference`), and against the module-level n
   interpreter and the GPU run the same code), zero past ``K`` up to ``K_alloc``. These are
   exactly the codes and scales of :func:`~dbllm_compile.reference.activation.quantize_activation_int`
   (tested bit for bit).
-- :func:`a4_matmul_kernel`: ``y[m, n] = s_x[m] * sum_g P_g[m, n] (+ bias[n])`` over the groups of
-  ``G`` input features, reading the weights in the GPU layout of :mod:`.layout` (the same
-  ``qweight``/``scales`` as the 16-bit kernels: no second copy). Per group, with ``q`` the int8
-  codes of the activations:
+- :func:`a4_matmul_kernel` (``levels="exact"`` / ``"group"``): ``y[m, n] = s_x[m] * sum_g P_g[m, n]
+  (+ bias[n])`` over the groups of ``G`` input features, reading the weights in the GPU layout of
+  :mod:`.layout` (the same ``qweight``/``scales`` as the 16-bit kernels: no second copy). Per
+  group, with ``q`` the int8 codes of the activations:
 
-  * ``INT_LEVELS=False`` (exact): ``P_g = a1 * (q . b1) + a2 * (q . b2)``, two int8 products
-    with int32 accumulation per group, scaled in float32.
-  * ``INT_LEVELS=True`` (one product per group, the kernel issue's note): the four levels
+  * ``"exact"``: ``P_g = a1 * (q . b1) + a2 * (q . b2)``, two int8 products with int32
+    accumulation per group, scaled in float32.
+  * ``"group"`` (one product per group, the kernel issue's note): the four levels
     ``{0, a2, a1, a1 + a2}`` of a row's group are written as integer multiples of one step
     ``t = max(|a1|, |a2|, |a1 + a2|) / 127``: ``i1 = rint(a1 / t)``, ``i2 = rint(a2 / t)``,
     ``w_int = b1 * i1 + b2 * i2`` clamped to ``[-127, 127]``, ``P_g = t * (q . w_int)``. Each
     level moves by at most ``t / 2`` (relative ``1/254`` of the group's largest level), far
     below the 2-bit error itself; :func:`int_level_error` measures it on real weights.
 
-  Integer products are exact, so the kernel differs from the float64 evaluation of the same
-  formula only by the float32 scaling/accumulation and the final rounding to the activation
-  dtype. The dot shape is ``[BLOCK_M, G] x [G, BLOCK_N]`` with ``G`` a multiple of 32 (int8
-  MMA needs K >= 32).
+  The dot shape is ``[BLOCK_M, G] x [G, BLOCK_N]`` with ``G`` a multiple of 32 (int8 MMA needs
+  K >= 32), and the whole float32 accumulator tile is rescaled after every group.
+- :func:`a4_row_matmul_kernel` (``levels="row"``): one step ``t[n]`` per output row instead of
+  per group (:mod:`.a4_reference`), so ``w_int`` is an int8 matrix with one scale per row and
+  ``y[m, n] = s_x[m] * t[n] * sum_k q[m, k] * w_int[n, k] (+ bias[n])``: the K loop steps
+  ``BLOCK_K`` features (a multiple of ``G``, several groups) per iteration, decodes the codes of
+  the tile into int8 levels through one int32 per group holding its four levels
+  (:func:`~.a4_reference.level_lut`; ``level = (lut >> 8 * code)`` truncated to int8), and issues
+  one int8 ``tl.dot`` into an int32 accumulator; float scaling happens once, after the loop.
+  int32 cannot overflow for ``K <= ROW_MAX_K`` (2,415,617; checked by the launcher). The per-row
+  steps and group tables (:class:`~.a4_reference.RowLevels`, 4 bytes per group) are derived once
+  per layer by :func:`~.a4_reference.prepare_row_levels`. Programs are ordered in bands of
+  ``GROUP_M`` row tiles (L2 reuse of the weight tiles, as in Triton's matmul tutorial). For large
+  M the same product can also run as decode-to-int8 + ``torch._int_mm`` (:mod:`.a4_dense`).
 
-Status: correctness only (interpreter tests in CI). Not yet timed on a GPU, not yet wired into
-the deploy op (``act_quant`` followed by ``db_linear`` in the graph still runs the 16-bit
-kernel on the dequantized activations).
+Integer products are exact, so every kernel differs from the float64 evaluation of the same
+formula (:func:`a4_linear_reference`) only by the float32 scaling/accumulation and the final
+rounding to the activation dtype.
+
+Status: correctness tested under the interpreter (CI). ``"exact"`` and ``"group"`` were timed on
+an H100 (``docs/kernels.md``); ``"row"`` is not timed yet. The CUDA implementation of
+``dbllm::db_linear_a4`` (:mod:`.int_dispatch`) runs ``"exact"``; the other modes change the
+weights' levels and are opt-in through :func:`a4_matmul` / :func:`a4_linear` only.
 """
 
 from __future__ import annotations
@@ -40,11 +55,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .a4_reference import (LEVELS, ROW_MAX_K, RowLevels, a4_linear_reference, check_levels, check_row_k,
+                           int_level_error, int_levels, prepare_row_levels, row_int_levels)
 from .launch import interpreted, triton_cdiv
-from .layout import GpuWeights, _code_shifts
+from .layout import K_ALIGN, GpuWeights
 
-__all__ = ["act_quant_kernel", "a4_matmul_kernel", "act_quant_int8", "a4_matmul", "a4_linear", "a4_linear_reference",
-           "int_levels", "int_level_error", "a4_supported"]
+__all__ = ["act_quant_kernel", "a4_matmul_kernel", "a4_row_matmul_kernel", "act_quant_int8", "a4_matmul", "a4_linear",
+           "a4_linear_reference", "int_levels", "row_int_levels", "prepare_row_levels", "RowLevels", "int_level_error",
+           "a4_supported", "default_a4_blocks", "default_a4_row_blocks", "LEVELS", "ROW_MAX_K"]
 
 ACT_QMAX = 7
 
@@ -128,6 +146,54 @@ def a4_matmul_kernel(q_ptr, sx_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, M, N, K,
     tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def a4_row_matmul_kernel(
+        # pointers: int8 codes [M, >= K], float32 token scales [M], int32 qweight [N, K_alloc/16],
+        # int32 level tables [N, K_alloc/G], float32 row steps [N], bias [N], output [M, N]
+        q_ptr, sx_ptr, qw_ptr, lut_ptr, step_ptr, bias_ptr, out_ptr,
+        # dimensions and strides (elements)
+        M, N, K, stride_q, stride_w, stride_l, stride_o,
+        # meta-parameters: BLOCK_K a multiple of GROUP dividing K_ALIGN
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # program order: bands of GROUP_M row tiles, column tiles inside a band
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP_M * tiles_n)
+    first_m = band * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % band_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // band_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_c = tl.minimum(rn, N - 1)  # rows past N read row N-1 (no load mask); the store is masked
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    WORDS: tl.constexpr = BLOCK_K // 16
+    e = tl.arange(0, 16)
+    qq = (e % 8) // 2
+    shifts = 2 * (qq % 2) + 16 * (qq // 2) + 4 * (2 * (e // 8) + e % 2)  # bit of b1 of element e
+    kk = tl.arange(0, BLOCK_K)
+    ww = tl.arange(0, WORDS)
+    gg = tl.arange(0, GROUPS)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        qa = tl.load(q_ptr + rm[:, None] * stride_q + k0 + kk[None, :],
+                     mask=(rm[:, None] < M) & (k0 + kk[None, :] < K), other=0)       # int8 [BM, BK]
+        words = tl.load(qw_ptr + rn_c[:, None] * stride_w + k0 // 16 + ww[None, :])  # int32 [BN, WORDS]
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 3, [BLOCK_N, GROUPS, GROUP])
+        lut = tl.load(lut_ptr + rn_c[:, None] * stride_l + k0 // GROUP + gg[None, :])  # int32 [BN, GROUPS]
+        w = (lut[:, :, None] >> (codes * 8)).to(tl.int8)  # byte `code` of the group's table
+        acc = tl.dot(qa, tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_K])), acc, out_dtype=tl.int32)
+    t = tl.load(step_ptr + rn_c)
+    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    y = acc.to(tl.float32) * t[None, :] * sx[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def act_quant_int8(x2: torch.Tensor, clip_ratio: torch.Tensor, k_alloc: int | None = None,
                    block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """``x2 [M, K]`` -> int8 codes ``[M, k_alloc]`` (zero past K) and float32 scales ``[M]``.
@@ -150,7 +216,7 @@ def act_quant_int8(x2: torch.Tensor, clip_ratio: torch.Tensor, k_alloc: int | No
 
 
 def default_a4_blocks(m: int) -> tuple[int, int, int, int]:
-    """Untuned ``(block_m, block_n, num_warps, num_stages)`` by M (not yet measured on a GPU)."""
+    """Untuned ``(block_m, block_n, num_warps, num_stages)`` of the exact/group kernel by M."""
     if m <= 16:
         return 16, 64, 4, 3
     if m <= 64:
@@ -158,11 +224,47 @@ def default_a4_blocks(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 8, 3
 
 
+def default_a4_row_blocks(m: int, group_size: int) -> tuple[int, int, int, int, int]:
+    """Untuned ``(block_m, block_n, block_k, num_warps, num_stages)`` of the row kernel by M
+    (not yet measured on a GPU; ``block_k`` at least one group)."""
+    if m <= 16:
+        bm, bn, bk, w, st = 16, 64, 256, 4, 3
+    elif m <= 64:
+        bm, bn, bk, w, st = 64, 64, 128, 4, 3
+    else:
+        bm, bn, bk, w, st = 128, 128, 128, 8, 3
+    return bm, bn, max(bk, group_size), w, st
+
+
+def _check_row_block_k(block_k: int, group_size: int) -> None:
+    if block_k % group_size or K_ALIGN % block_k:
+        raise ValueError(f"a4_matmul: block_k={block_k} must be a multiple of group_size={group_size} that divides "
+                         f"{K_ALIGN} (e.g. {max(group_size, 128)})")
+
+
+def _check_row_levels(rl: RowLevels, gw: GpuWeights) -> None:
+    step_ok = rl.step.dtype == torch.float32 and tuple(rl.step.shape) == (gw.out_features,)
+    lut_ok = rl.lut.dtype == torch.int32 and tuple(rl.lut.shape) == tuple(gw.scales.shape[:2]) and rl.lut.stride(-1) == 1
+    if not (step_ok and lut_ok):
+        raise ValueError(f"a4_matmul: row_levels do not match the layer (step float32 [{gw.out_features}], lut int32 "
+                         f"{tuple(gw.scales.shape[:2])} expected, got {rl.step.dtype} {tuple(rl.step.shape)}, "
+                         f"{rl.lut.dtype} {tuple(rl.lut.shape)}); build them with prepare_row_levels(gw)")
+
+
 def a4_matmul(q: torch.Tensor, s: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, out_dtype: torch.dtype, *,
-              int_levels: bool = False, block_m: int | None = None, block_n: int | None = None,
+              levels: str = "exact", row_levels: RowLevels | None = None, block_m: int | None = None,
+              block_n: int | None = None, block_k: int | None = None, group_m: int = 8,
               num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """int8 codes ``q [M, >= K_pad]`` (zero past K) and float32 token scales ``s [M]`` ->
-    ``[M, N]`` in ``out_dtype`` (module docstring)."""
+    ``[M, N]`` in ``out_dtype`` (module docstring).
+
+    ``levels``: ``"exact"`` (default), ``"group"`` or ``"row"`` (:mod:`.a4_reference`).
+    ``row_levels``: the layer's :func:`prepare_row_levels` (``"row"`` only; derived on every
+    call when omitted). ``block_k`` and ``group_m`` apply to ``"row"`` only (the other kernels
+    step one group at a time); block sizes left ``None`` come from :func:`default_a4_blocks` /
+    :func:`default_a4_row_blocks`.
+    """
+    check_levels(levels, "a4_matmul")
     if not a4_supported(gw.group_size):
         raise ValueError(f"a4_matmul: group_size={gw.group_size} is not a multiple of 32 dividing 1024")
     m = q.shape[0]
@@ -170,88 +272,52 @@ def a4_matmul(q: torch.Tensor, s: torch.Tensor, gw: GpuWeights, bias: torch.Tens
     if q.shape[1] < gw.k_pad or q.dtype != torch.int8 or q.stride(-1) != 1:
         raise ValueError(f"a4_matmul: codes must be int8 [M, >= {gw.k_pad}] with unit stride, got "
                          f"{q.dtype} {tuple(q.shape)}")
+    if levels != "row" and block_k not in (None, gw.group_size):
+        raise ValueError(f"a4_matmul: block_k={block_k} applies to levels='row' only; the {levels!r} kernel steps "
+                         f"one group (G={gw.group_size}) at a time (leave block_k=None)")
+    if levels != "row" and row_levels is not None:
+        raise ValueError(f"a4_matmul: row_levels were given with levels={levels!r}; pass levels='row'")
+    if levels == "row":
+        check_row_k(gw.in_features, "a4_matmul")
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
     if m == 0:
         return out
-    bm, bn, w, st = default_a4_blocks(m)
-    bm, bn = block_m or bm, block_n or bn
     if bias is not None:
         bias = bias.to(out_dtype)
+    if levels == "row":
+        bm, bn, bk, w, st = default_a4_row_blocks(m, gw.group_size)
+        bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
+        _check_row_block_k(bk, gw.group_size)
+        if group_m < 1:
+            raise ValueError(f"a4_matmul: group_m={group_m} must be >= 1 (row tiles per band of programs)")
+        rl = prepare_row_levels(gw) if row_levels is None else row_levels
+        _check_row_levels(rl, gw)
+        kw = {} if interpreted() else {"num_warps": num_warps or w, "num_stages": num_stages or st}
+        grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+        a4_row_matmul_kernel[grid](q, s, gw.qweight, rl.lut, rl.step, bias if bias is not None else rl.step, out,
+                                   m, n, gw.in_features, q.stride(0), gw.qweight.stride(0), rl.lut.stride(0),
+                                   out.stride(0), GROUP=gw.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                   GROUP_M=group_m, HAS_BIAS=bias is not None, **kw)
+        return out
+    bm, bn, w, st = default_a4_blocks(m)
+    bm, bn = block_m or bm, block_n or bn
     kw = {} if interpreted() else {"num_warps": num_warps or w, "num_stages": num_stages or st}
     grid = (triton_cdiv(m, bm), triton_cdiv(n, bn))
     a4_matmul_kernel[grid](q, s, gw.qweight, gw.scales, bias if bias is not None else gw.scales, out,
                            m, n, gw.in_features, q.stride(0), gw.qweight.stride(0), gw.scales.stride(0),
                            out.stride(0), GROUP=gw.group_size, BLOCK_M=bm, BLOCK_N=bn,
-                           INT_LEVELS=int_levels, HAS_BIAS=bias is not None, **kw)
+                           INT_LEVELS=levels == "group", HAS_BIAS=bias is not None, **kw)
     return out
 
 
 def a4_linear(x2: torch.Tensor, clip_ratio: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None = None, *,
-              int_levels: bool = False, block_m: int | None = None, block_n: int | None = None,
+              levels: str = "exact", row_levels: RowLevels | None = None, block_m: int | None = None,
+              block_n: int | None = None, block_k: int | None = None, group_m: int = 8,
               num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """``x2 [M, K]`` (fp16/bf16) -> ``[M, N]`` in its dtype: quantize (kernel 1), then the int8 GEMM."""
+    """``x2 [M, K]`` (fp16/bf16) -> ``[M, N]`` in its dtype: quantize (kernel 1), then the int8
+    GEMM of ``levels`` (:func:`a4_matmul`)."""
     if x2.shape[1] != gw.in_features:
         raise ValueError(f"a4_linear: x has {x2.shape[1]} features, layer expects {gw.in_features}")
     q, s = act_quant_int8(x2, clip_ratio, gw.qweight.shape[1] * 16)
-    return a4_matmul(q, s, gw, bias, x2.dtype, int_levels=int_levels, block_m=block_m, block_n=block_n,
-                     num_warps=num_warps, num_stages=num_stages)
-
-
-def _rint_torch(u: torch.Tensor) -> torch.Tensor:
-    return torch.round(u)  # half to even, as the kernels' _rint
-
-
-def int_levels(a1: torch.Tensor, a2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (row, group): step ``t`` and integer levels ``i1, i2`` of the INT_LEVELS form (float32)."""
-    a1, a2 = a1.float(), a2.float()
-    top = torch.maximum(torch.maximum(a1.abs(), a2.abs()), (a1 + a2).abs())
-    t = top / 127.0
-    t = torch.where(t > 0, t, torch.ones_like(t))
-    return t, _rint_torch(a1 / t), _rint_torch(a2 / t)
-
-
-def _codes(gw: GpuWeights) -> torch.Tensor:
-    """2-bit codes ``[N, K_pad]`` (int64) of the GPU layout."""
-    q = gw.qweight[:, : gw.k_pad // 16].to(torch.int64) & 0xFFFFFFFF
-    return ((q.unsqueeze(-1) >> _code_shifts(q.device)) & 3).reshape(q.shape[0], gw.k_pad)
-
-
-def a4_linear_reference(codes_x: torch.Tensor, scale_x: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None,
-                        int_levels_mode: bool = False) -> torch.Tensor:
-    """Float64 evaluation of the kernel's formula (module docstring) from the int8 codes
-    ``[M, >= K_pad]`` and scales ``[M]`` of the activations; returns float64 ``[M, N]``."""
-    k_pad, g, ng = gw.k_pad, gw.group_size, gw.num_groups
-    codes = _codes(gw).reshape(-1, ng, g)
-    b1, b2 = (codes & 1).double(), (codes >> 1).double()
-    q = codes_x[:, :k_pad].double().reshape(-1, ng, g)
-    a1 = gw.scales[:, :ng, 0].float()
-    a2 = gw.scales[:, :ng, 1].float()
-    if int_levels_mode:
-        t, i1, i2 = int_levels(a1, a2)
-        w = (b1 * i1.double()[..., None] + b2 * i2.double()[..., None]).clamp(-127, 127)
-        per_group = torch.einsum("mgk,ngk->mng", q, w) * t.double()[None]
-    else:
-        per_group = (torch.einsum("mgk,ngk->mng", q, b1) * a1.double()[None]
-                     + torch.einsum("mgk,ngk->mng", q, b2) * a2.double()[None])
-    y = per_group.sum(-1) * scale_x.double()[:, None]
-    if bias is not None:
-        y = y + bias.double()[None]
-    return y
-
-
-def int_level_error(gw: GpuWeights) -> dict[str, float]:
-    """How far the INT_LEVELS weights are from the exact levels, in units of the layer's norm.
-
-    Returns ``{"rel_level_error": ||w_int * t - w_hat|| / ||w_hat||, "max_abs_level_error": ...}``.
-    """
-    ng, g = gw.num_groups, gw.group_size
-    codes = _codes(gw).reshape(-1, ng, g)
-    b1, b2 = (codes & 1).float(), (codes >> 1).float()
-    a1 = gw.scales[:, :ng, 0].float()[..., None]
-    a2 = gw.scales[:, :ng, 1].float()[..., None]
-    exact = b1 * a1 + b2 * a2
-    t, i1, i2 = int_levels(a1[..., 0], a2[..., 0])
-    approx = (b1 * i1[..., None] + b2 * i2[..., None]).clamp(-127, 127) * t[..., None]
-    diff = approx - exact
-    return {"rel_level_error": float(diff.norm() / exact.norm().clamp_min(1e-30)),
-            "max_abs_level_error": float(diff.abs().max())}
+    return a4_matmul(q, s, gw, bias, x2.dtype, levels=levels, row_levels=row_levels, block_m=block_m,
+                     block_n=block_n, block_k=block_k, group_m=group_m, num_warps=num_warps, num_stages=num_stages)
