@@ -60,7 +60,7 @@ from .a4_reference import (LEVELS, ROW_MAX_K, RowLevels, a4_linear_reference, ch
 from .launch import interpreted, triton_cdiv
 from .layout import K_ALIGN, GpuWeights
 
-__all__ = ["act_quant_kernel", "a4_matmul_kernel", "a4_row_matmul_kernel", "act_quant_int8", "a4_matmul", "a4_linear",
+__all__ = ["word_codes", "act_quant_kernel", "a4_matmul_kernel", "a4_row_matmul_kernel", "act_quant_int8", "a4_matmul", "a4_linear",
            "a4_linear_reference", "int_levels", "row_int_levels", "prepare_row_levels", "RowLevels", "int_level_error",
            "a4_supported", "default_a4_blocks", "default_a4_row_blocks", "LEVELS", "ROW_MAX_K"]
 
@@ -100,6 +100,18 @@ def act_quant_kernel(x_ptr, ratio_ptr, q_ptr, s_ptr, K, K_ALLOC, stride_x, strid
 
 
 @triton.jit
+def word_codes(words):
+    """int32 code words ``[R, W]`` of the GPU layout -> their 2-bit codes ``b1 + 2*b2``,
+    ``[R, W, 16]`` in element order (element ``e`` of a word has b1 at bit
+    ``sh(q) + 4*(2*slot + h)``, ``e = 8*slot + 2*q + h``, ``sh(q) = 2*(q % 2) + 16*(q // 2)``;
+    :mod:`.layout`)."""
+    e = tl.arange(0, 16)
+    q = (e % 8) // 2
+    shifts = 2 * (q % 2) + 16 * (q // 2) + 4 * (2 * (e // 8) + e % 2)
+    return (words[:, :, None] >> shifts[None, None, :]) & 3
+
+
+@triton.jit
 def a4_matmul_kernel(q_ptr, sx_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, M, N, K,
                      stride_q, stride_w, stride_s, stride_o,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,16 +122,13 @@ def a4_matmul_kernel(q_ptr, sx_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, M, N, K,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_c = tl.minimum(rn, N - 1)  # rows past N read row N-1 (no load mask); the store is masked
     WORDS: tl.constexpr = GROUP // 16
-    e = tl.arange(0, 16)
-    qq = (e % 8) // 2
-    shifts = 2 * (qq % 2) + 16 * (qq // 2) + 4 * (2 * (e // 8) + e % 2)  # bit of b1 of element e
     kk = tl.arange(0, GROUP)
     ww = tl.arange(0, WORDS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(0, tl.cdiv(K, GROUP)):
         qa = tl.load(q_ptr + rm[:, None] * stride_q + g * GROUP + kk[None, :], mask=rm[:, None] < M, other=0)
         words = tl.load(qw_ptr + rn_c[:, None] * stride_w + g * WORDS + ww[None, :])  # int32 [BN, WORDS]
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 3, [BLOCK_N, GROUP])
+        codes = tl.reshape(word_codes(words), [BLOCK_N, GROUP])
         a1 = tl.load(sc_ptr + rn_c * stride_s + 2 * g).to(tl.float32)
         a2 = tl.load(sc_ptr + rn_c * stride_s + 2 * g + 1).to(tl.float32)
         if INT_LEVELS:
@@ -170,9 +179,6 @@ def a4_row_matmul_kernel(
     rn_c = tl.minimum(rn, N - 1)  # rows past N read row N-1 (no load mask); the store is masked
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WORDS: tl.constexpr = BLOCK_K // 16
-    e = tl.arange(0, 16)
-    qq = (e % 8) // 2
-    shifts = 2 * (qq % 2) + 16 * (qq // 2) + 4 * (2 * (e // 8) + e % 2)  # bit of b1 of element e
     kk = tl.arange(0, BLOCK_K)
     ww = tl.arange(0, WORDS)
     gg = tl.arange(0, GROUPS)
@@ -181,7 +187,7 @@ def a4_row_matmul_kernel(
         qa = tl.load(q_ptr + rm[:, None] * stride_q + k0 + kk[None, :],
                      mask=(rm[:, None] < M) & (k0 + kk[None, :] < K), other=0)       # int8 [BM, BK]
         words = tl.load(qw_ptr + rn_c[:, None] * stride_w + k0 // 16 + ww[None, :])  # int32 [BN, WORDS]
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 3, [BLOCK_N, GROUPS, GROUP])
+        codes = tl.reshape(word_codes(words), [BLOCK_N, GROUPS, GROUP])
         lut = tl.load(lut_ptr + rn_c[:, None] * stride_l + k0 // GROUP + gg[None, :])  # int32 [BN, GROUPS]
         w = (lut[:, :, None] >> (codes * 8)).to(tl.int8)  # byte `code` of the group's table
         acc = tl.dot(qa, tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_K])), acc, out_dtype=tl.int32)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .a4 import word_codes
 from .a4_reference import RowLevels, check_row_k, prepare_row_levels
 from .launch import triton_cdiv
 from .layout import K_ALIGN, GpuWeights
@@ -39,12 +40,9 @@ def row_int8_decode_kernel(qw_ptr, lut_ptr, w_ptr, N, K_W, stride_w, stride_l, s
     rn_c = tl.minimum(rn, N - 1)
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WORDS: tl.constexpr = BLOCK_K // 16
-    e = tl.arange(0, 16)
-    qq = (e % 8) // 2
-    shifts = 2 * (qq % 2) + 16 * (qq // 2) + 4 * (2 * (e // 8) + e % 2)  # bit of b1 of element e
     kk = tl.arange(0, BLOCK_K)
     words = tl.load(qw_ptr + rn_c[:, None] * stride_w + k0 // 16 + tl.arange(0, WORDS)[None, :])
-    codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 3, [BLOCK_N, GROUPS, GROUP])
+    codes = tl.reshape(word_codes(words), [BLOCK_N, GROUPS, GROUP])
     lut = tl.load(lut_ptr + rn_c[:, None] * stride_l + k0 // GROUP + tl.arange(0, GROUPS)[None, :])
     w = tl.reshape((lut[:, :, None] >> (codes * 8)).to(tl.int8), [BLOCK_N, BLOCK_K])
     mask = (rn[:, None] < N) & (k0 + kk[None, :] < K_W)
