@@ -81,6 +81,12 @@ def test_bad_config_is_a_clear_error_before_loading(capsys):
     assert "group_size" in err and "multiple of 8" in err
 
 
+def test_weights_from_needs_the_w2a4_pipeline(capsys):
+    rc = main(["quantize", "--model", "no-such-model", "--weights-from", "run-dir"])
+    assert rc == 2
+    assert "--activation-bits 4" in capsys.readouterr().err
+
+
 def test_unknown_model_is_a_clear_error(capsys):
     rc = main(["quantize", "--model", "no-such-model", "--no-default-text"])
     assert rc == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -176,6 +177,37 @@ def test_w2a4_three_stages_train_what_each_stage_should(tmp_path):
     distill_w2a4(q2, model, data, weights, acts, out_dir=tmp_path, progress=False, plots=False)
     for name, value in q.graph_module.named_parameters():
         assert torch.equal(value, dict(q2.graph_module.named_parameters())[name]), name
+
+
+def test_w2a4_weights_stage_starts_from_a_finished_w2a16_run(tmp_path):
+    from dbllm_compile.distill import distill, distill_w2a4
+    from dbllm_compile.errors import DBLLMError
+
+    model, data = _llama(), _data(8, 16)
+    weights = DistillConfig(steps=3, block_steps=1, batch_size=4, block_batch_size=4, lr=1e-3)
+    w2a16 = _student(model, data)
+    # another learning rate than stage 2's config: ignoring weights_from would retrain to other weights
+    first = distill(w2a16, model, data, dataclasses.replace(weights, lr=5e-3, latent_lr=5e-3),
+                    out_dir=tmp_path / "w2a16", progress=False, plots=False)
+    snapshot = {}
+
+    def on_stage_end(name, student):
+        if name == "weights":
+            snapshot.update({k: v.detach().clone() for k, v in student.graph_module.named_parameters()})
+
+    q = _student(_llama(), data)
+    acts = DistillConfig(steps=2, batch_size=4)
+    results = distill_w2a4(q, model, data, weights, acts, out_dir=tmp_path / "w2a4", progress=False, plots=False,
+                           on_stage_end=on_stage_end, weights_from=tmp_path / "w2a16")
+    assert (tmp_path / "w2a4" / "stage2-weights" / "checkpoint.pt").is_file()
+    assert results["weights"].losses == first.losses and len(first.losses) == 3  # restored, not retrained
+    for name, value in w2a16.graph_module.named_parameters():  # stage 2 = the W2A16 run's final weights
+        assert torch.equal(value, snapshot[name]), name
+    with pytest.raises(DBLLMError, match="needs out_dir"):
+        distill_w2a4(_student(_llama(), data), model, data, weights, acts, weights_from=tmp_path / "w2a16")
+    with pytest.raises(DBLLMError, match="no checkpoint"):
+        distill_w2a4(_student(_llama(), data), model, data, weights, acts, out_dir=tmp_path / "other",
+                     weights_from=tmp_path / "missing", progress=False)
 
 
 def test_stage_that_trains_nothing_is_an_error():

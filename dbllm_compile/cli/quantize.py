@@ -58,6 +58,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="UTF-8 text to calibrate on instead of (or mixed with, see --corpus-fraction) generated text")
     d.add_argument("--corpus-fraction", type=float, default=1.0,
                    help="fraction of calibration sequences taken from --corpus (default 1: corpus only)")
+    d.add_argument("--weights-from", type=Path, default=None, metavar="RUN_DIR",
+                   help="with --activation-bits 4: start stage 2 (weights) from the checkpoint of a finished "
+                        "16-bit-activation run with the same model, data and budget (its OUT-run directory) "
+                        "instead of training the weights again")
     d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the end-to-end step with torch.compile(backend='dbllm'); default: on with "
                         "--device cuda, off on CPU. On an H100 the compiled recipe ran at ~6 steps/s against "
@@ -182,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
         kwargs["include"] = tuple(args.include)
     if args.init_refine_iters is not None:
         kwargs["init_refine_iters"] = args.init_refine_iters
+    if args.weights_from is not None and (args.activation_bits != 4 or args.no_distill):
+        from dbllm_compile.errors import ConfigError
+
+        raise ConfigError("--weights-from starts the weight stage of the W(1+1)A4 pipeline: use it with "
+                          "--activation-bits 4 (and without --no-distill)")
     config = dc.DBLLMConfig(**kwargs)  # validates before any slow work
     distill_cfg = None
     budget: dict[str, int] = {}
@@ -245,10 +254,10 @@ def run(args: argparse.Namespace) -> int:
                     _evaluate_naive_a4(student, evaluate, rows)
 
             act_cfg = DistillConfig(steps=budget["act_steps"], batch_size=budget["batch_size"],
-                                    loss=distill_cfg.loss, seed=args.seed)
+                                    loss=distill_cfg.loss, seed=args.seed, compile=distill_cfg.compile)
             with _stage(timings, "distill (weights, then activations)", console):
                 runs = distill_w2a4(qmodel, model, data.input_ids, distill_cfg, act_cfg, out_dir=run_dir,
-                                    on_stage_end=on_stage_end)
+                                    on_stage_end=on_stage_end, weights_from=args.weights_from)
             run = runs["weights"]
             ratios = [float(torch.sigmoid(c.detach())) for c in qmodel.activation_parameters()]
             results["distill_activations"] = {

@@ -125,6 +125,7 @@ def distill_w2a4(
     progress: bool = True,
     plots: bool = True,
     on_stage_end: Callable[[str, DBLLMModel], None] | None = None,
+    weights_from: str | Path | None = None,
 ) -> dict[str, DistillResult]:
     """The three decoupled stages of W(1+1)A4 (LBLLM), on a model from :func:`dbllm_compile.quantize`.
 
@@ -139,6 +140,12 @@ def distill_w2a4(
     ``stage3-activations/``); calling again with the same arguments resumes (a finished stage
     restores its final parameters from its checkpoint). ``on_stage_end(name, student)`` is
     called after each stage (e.g. to evaluate perplexity per stage).
+
+    ``weights_from``: the ``out_dir`` (or ``checkpoint.pt``) of a finished 16-bit-activation
+    :func:`distill` run of the same model, data and ``weights`` config (e.g. the W2A16 recipe):
+    stage 2 starts from its checkpoint instead of training again (copied into
+    ``stage2-weights/`` when that has no checkpoint yet; a run that stopped early resumes the
+    remaining steps). Needs ``out_dir``.
     """
     import dataclasses
 
@@ -152,6 +159,10 @@ def distill_w2a4(
     activations = dataclasses.replace(activations, train_weights=False, train_activation=True, block_steps=0)
     weights = dataclasses.replace(weights, train_activation=False)
     out = Path(out_dir) if out_dir is not None else None
+    if weights_from is not None:
+        if out is None:
+            raise DBLLMError("distill_w2a4(weights_from=...) needs out_dir: the checkpoint is copied into its stage2-weights/")
+        _seed_weights_stage(Path(weights_from), out / "stage2-weights")
     if on_stage_end:
         on_stage_end("init", student)
     results = {"weights": distill(student, teacher, data, weights, out_dir=out / "stage2-weights" if out else None,
@@ -166,3 +177,29 @@ def distill_w2a4(
     if on_stage_end:
         on_stage_end("activations", student)
     return results
+
+
+def _seed_weights_stage(source: Path, stage_dir: Path) -> None:
+    """Copy the end-to-end checkpoint of a finished W2A16 run into ``stage_dir`` (atomically),
+    unless ``stage_dir`` already has a checkpoint (a resumed W(1+1)A4 run keeps its own)."""
+    import os
+    import shutil
+
+    src = source / "checkpoint.pt" if source.is_dir() else source
+    dst = stage_dir / "checkpoint.pt"
+    if dst.is_file():
+        return
+    state = load_checkpoint(src)
+    if state is None:
+        raise DBLLMError(f"weights_from={str(source)!r}: no checkpoint at {str(src)!r}; pass the out_dir of a "
+                         f"distill() run (the CLI's OUT-run directory)")
+    if state.get("stage") != "e2e":
+        raise DBLLMError(f"weights_from={str(source)!r}: its checkpoint is from the {state.get('stage')!r} stage; "
+                         f"let that run reach its end-to-end stage first (run it again to resume)")
+    if any(name.endswith("_act_clip") for name in state.get("params", {})):
+        raise DBLLMError(f"weights_from={str(source)!r} holds activation clip factors: pass a run with 16-bit "
+                         f"activations (stage 2 of W(1+1)A4 trains the weights only)")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".copy")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
