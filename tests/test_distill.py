@@ -144,6 +144,10 @@ def test_block_losses_follow_their_formulas():
     assert torch.allclose(token, per_token.mean())
     # the massive token hides every other token's error from the global loss, not from the per-token one
     assert glob < 1e-6 < token
+    channel = train_mod._channel_rel_mse((out,), (ref,))
+    per_channel = ((out - ref) ** 2).sum((0, 1)) / (ref**2).sum((0, 1))
+    assert torch.allclose(channel, per_channel.mean())
+    assert glob < 1e-6 < channel  # the massive feature's scale does not hide the other features either
     with pytest.raises(dc.ConfigError, match="block_loss"):
         DistillConfig(block_loss="l1")
 

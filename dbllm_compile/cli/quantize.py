@@ -53,6 +53,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence")
     d.add_argument("--batch-size", type=int, default=None, help="sequences per training step")
     d.add_argument("--loss", choices=["dad", "kl", "ce"], default="dad", help="end-to-end loss (default dad)")
+    d.add_argument("--block-loss", choices=["global", "token", "channel"], default="global",
+                   help="block-wise reconstruction loss (default global; docs/distillation.md)")
     d.add_argument("--scales-only", action="store_true", help="train the scales only, not the latent weights")
     d.add_argument("--corpus", type=Path, default=None, metavar="FILE",
                    help="UTF-8 text to calibrate on instead of (or mixed with, see --corpus-fraction) generated text")
@@ -201,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         distill_cfg = DistillConfig(steps=budget["steps"], block_steps=budget["block_steps"],
                                     batch_size=budget["batch_size"], block_batch_size=budget["batch_size"],
                                     loss=LossSpec(args.loss), train_latent=not args.scales_only, seed=args.seed,
+                                    block_loss=args.block_loss,
                                     # a checkpoint holds latents + AdamW state (~1.6 GB for 135M): not too often
                                     checkpoint_every=100 if budget["steps"] >= 500 else 25,
                                     compile=args.compile if args.compile is not None else device.type == "cuda")
