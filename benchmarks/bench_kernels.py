@@ -216,7 +216,7 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
         best = min(timed, key=timed.get)
         r["fused_config"] = best.short()
         r["fused_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
-    if m <= 16 and getattr(cfg, "split_k", 1) > 1:  # before/after split-K in the same run
+    if m <= 16 and cfg.split_k > 1:  # before/after split-K in the same run
         unsplit = [c for c in tuning.candidates(m, n, k, G) if c.kind == "fused" and c.split_k == 1]
         timed = {c: cand[c.short()] for c in unsplit if not math.isnan(cand.get(c.short(), math.nan))}
         if timed:
