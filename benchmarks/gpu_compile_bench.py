@@ -10,7 +10,8 @@ Parts (``--parts``, default all):
   and latent weights) of a SmolLM2-shaped random model, eager vs compiled with the backend.
 - ``greedy`` (with ``--model``): the real SmolLM2 (GGUF file or HF directory), greedy tokens
   through the backend (static cache, compiled steps, CUDA graphs) vs the eager quantized model
-  from ``quantize()`` + ``convert()``.
+  from ``quantize()`` + ``convert()``; with ``--artifact OUT``, both use the trained layers of a
+  distilled artifact (mode (b) of docs/compile.md) instead of post-training quantization.
 
 Writes ``<out>/compile_bench.json`` and ``<out>/compile_bench.png``.
 
@@ -69,6 +70,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--model", default=None, help="real SmolLM2 (GGUF file or HF directory) for the greedy check")
+    ap.add_argument("--artifact", default=None,
+                    help="greedy check with the trained layers of this artifact (an OUT dir of dbllm-compile quantize, "
+                         "16-bit activations) instead of on-the-fly post-training quantization")
     ap.add_argument("--parts", default="decode,distill,greedy")
     ap.add_argument("--layers", type=int, default=None, help="override the 7B model's 32 layers (faster compile)")
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -105,7 +109,7 @@ def main() -> int:
 
         model, tok = load_model(args.model, dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
         prompt = tok("The capital of France is", return_tensors="pt").input_ids
-        result["greedy"] = greedy_match(model, prompt, new_tokens=args.greedy_tokens, init="mse")
+        result["greedy"] = greedy_match(model, prompt, new_tokens=args.greedy_tokens, init="mse", artifact=args.artifact)
         result["greedy"]["eager_text"] = tok.decode(result["greedy"]["eager_tokens"])
         result["greedy"]["compiled_text"] = tok.decode(result["greedy"]["compiled_tokens"])
         result["seconds"]["greedy"] = time.perf_counter() - t0

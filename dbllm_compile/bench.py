@@ -140,15 +140,40 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
 
 
 def greedy_match(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_tokens: int, init: str = "mse",
-                 mode: str | None = "auto") -> dict[str, Any]:
-    """Greedy tokens: backend (static cache, compiled) vs the eager quantized model (quantize+convert)."""
+                 mode: str | None = "auto", artifact: str | None = None) -> dict[str, Any]:
+    """Greedy tokens: backend (static cache, compiled) vs the eager quantized model (quantize+convert).
+
+    With ``artifact`` (a directory written by ``dbllm-compile quantize`` or ``save_deployed``,
+    16-bit activations), both sides use its trained layers: the eager model is the source model
+    deployed afresh in its own dtype with the artifact's bits and scales copied in
+    (:func:`~dbllm_compile.artifact.apply_layers`), the backend gets ``options["artifact"]``.
+    """
+    import dataclasses
+
     import dbllm_compile as dc
     from dbllm_compile.generate import StaticCacheGenerator
 
     device = next(model.parameters()).device
     ids = prompt_ids.to(device)
-    deployed = dc.convert(dc.quantize(model, (ids,), dc.DBLLMConfig(init=init), example_kwargs={"use_cache": False},
-                                      progress=False), progress=False)
+    cfg = dc.DBLLMConfig(init=init)
+    options: dict[str, Any] = {"init": init}
+    if artifact is not None:
+        from dbllm_compile.artifact import apply_layers
+        from dbllm_compile.artifact.format import read_manifest
+
+        stored = dc.DBLLMConfig.from_dict(read_manifest(artifact)["config"])
+        if stored.activation_bits != 16:
+            raise ValueError(f"greedy_match: artifact {artifact!r} has {stored.activation_bits}-bit activations; "
+                             "the torch.compile backend lowers 16-bit-activation artifacts only")
+        # every artifact layer's scales are overwritten, so the cheap init is enough
+        cfg = dataclasses.replace(stored, init="maxabs", init_refine_iters=0)
+        options = {"init": "maxabs", "artifact": str(artifact), "group_size": stored.group_size,
+                   "include": tuple(stored.include), "exclude": tuple(stored.exclude), "keep_head": stored.keep_head,
+                   "codebook": stored.codebook}
+    deployed = dc.convert(dc.quantize(model, (ids,), cfg, example_kwargs={"use_cache": False}, progress=False),
+                          progress=False)
+    if artifact is not None:
+        apply_layers(deployed, artifact)
     seq = ids
     margins = []  # eager top-1 minus top-2 logit per step: how close each greedy choice was
     with torch.no_grad():
@@ -161,11 +186,11 @@ def greedy_match(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_tokens
     eager = seq[0, ids.shape[1]:].tolist()
     del deployed
     gen = StaticCacheGenerator(model, max_cache_len=ids.shape[1] + new_tokens + 8, backend="dbllm",
-                               options={"init": init}, mode=mode)
+                               options=options, mode=mode)
     gen.generate(ids, new_tokens)
     compiled = gen.generate(ids, new_tokens).tokens[0].tolist()
     same = next((i for i, (a, b) in enumerate(zip(eager, compiled)) if a != b), len(eager))
-    return {"init": init, "new_tokens": new_tokens, "eager_tokens": eager, "compiled_tokens": compiled,
-            "identical": eager == compiled, "first_difference_at": None if eager == compiled else same,
-            "eager_top2_margins": margins,
+    return {"init": init, "artifact": artifact, "new_tokens": new_tokens, "eager_tokens": eager,
+            "compiled_tokens": compiled, "identical": eager == compiled,
+            "first_difference_at": None if eager == compiled else same, "eager_top2_margins": margins,
             "margin_at_first_difference": None if eager == compiled else margins[same]}

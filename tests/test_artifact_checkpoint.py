@@ -243,3 +243,45 @@ def test_save_refuses_a_training_model(mlp, tmp_path):
     q = dc.quantize(mlp, (torch.randn(4, 64),), progress=False)
     with pytest.raises(ArtifactError, match=r"convert\(\)"):
         save_deployed(q, tmp_path / "x")
+
+
+# ------------------------------------------------------------------ trained layers into a fresh deploy
+
+
+def test_apply_layers_moves_trained_layers_into_a_fresh_deploy_of_another_dtype(mlp, tmp_path):
+    from dbllm_compile.artifact import apply_layers
+
+    x = torch.randn(4, 64)
+    student = dc.quantize(mlp, (x,), dc.DBLLMConfig(keep_head=False, init="maxabs"), progress=False)
+    with torch.no_grad():  # "train" it: scales that no fresh initialisation reproduces
+        for i, s in enumerate(student.scale_parameters()):
+            s.mul_(1.0 + 0.1 * (i + 1))
+    trained = dc.convert(student, progress=False)
+    path = save_deployed(trained, tmp_path / "art")
+
+    fresh = _deploy(mlp, x, keep_head=False, init="maxabs")
+    assert not torch.equal(fresh(x), trained(x))
+    assert len(apply_layers(fresh, path)) == 3
+    assert torch.equal(fresh(x), trained(x))
+
+    import copy
+
+    mlp16 = copy.deepcopy(mlp).to(torch.bfloat16)  # same weights, another dtype
+    fresh16 = _deploy(mlp16, x.bfloat16(), keep_head=False, init="maxabs")
+    apply_layers(fresh16, path)
+    torch.testing.assert_close(fresh16(x.bfloat16()).float(), trained(x), rtol=0.05, atol=0.05)
+
+
+def test_apply_layers_errors_name_the_mismatch(mlp, tmp_path):
+    from dbllm_compile.artifact import apply_layers
+
+    x = torch.randn(4, 64)
+    path = save_deployed(_deploy(mlp, x, keep_head=False, init="maxabs"), tmp_path / "art")
+    with pytest.raises(ArtifactError, match="group_size 64.*group_size"):
+        apply_layers(_deploy(mlp, x, keep_head=False, init="maxabs", group_size=32), path)
+    with pytest.raises(ArtifactError, match="not dual-binary layers of the model"):
+        apply_layers(_deploy(mlp, x, keep_head=False, init="maxabs", exclude=("0",)), path)
+    with pytest.raises(ArtifactError, match="codebook"):
+        apply_layers(_deploy(mlp, x, keep_head=False, init="maxabs", codebook="sign"), path)
+    with pytest.raises(ArtifactError, match="not deployed"):
+        apply_layers(dc.quantize(mlp, (x,), dc.DBLLMConfig(keep_head=False, init="maxabs"), progress=False), path)

@@ -7,7 +7,8 @@ One module per concept:
 - :mod:`.atomic`: atomic writes (a crash leaves the old artifact or none);
 - :mod:`.source`: what the model was made from (architecture, example inputs);
 - :mod:`.checkpoint`: :func:`save_deployed`, :func:`read_checkpoint` (no pickle), sizes;
-- :mod:`.rebuild`: :func:`load_deployed`: a runnable model from an artifact, no original weights.
+- :mod:`.rebuild`: :func:`load_deployed`: a runnable model from an artifact, no original weights;
+  :func:`apply_layers`: an artifact's trained layers copied into a fresh deploy (another dtype).
 
 Example::
 
@@ -24,10 +25,11 @@ from dbllm_compile.artifact.checkpoint import (
     save_deployed,
 )
 from dbllm_compile.artifact.format import ARTIFACT_VERSION
-from dbllm_compile.artifact.rebuild import load_deployed
+from dbllm_compile.artifact.rebuild import apply_layers, load_deployed
 
 __all__ = [
     "ARTIFACT_VERSION",
+    "apply_layers",
     "ArtifactInfo",
     "artifact_info",
     "load_deployed",

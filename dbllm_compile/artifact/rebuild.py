@@ -33,7 +33,7 @@ from dbllm_compile.passes.export import export_model
 from dbllm_compile.passes.pack_linears import pack_linears
 from dbllm_compile.passes.quantize_linears import QuantizedLayer, quantize_linears
 
-__all__ = ["load_deployed", "rebuild_structure"]
+__all__ = ["apply_layers", "load_deployed", "rebuild_structure"]
 
 _LAYER_KEYS = ("name", "weight", "in_features", "out_features", "padded_in_features", "layout")
 
@@ -199,3 +199,54 @@ def load_deployed(
     )
     return DBLLMModel(gm, config, report, stage="deploy", fixed_kwargs=fixed,
                       example_spec=manifest.get("example_inputs"), architecture=manifest["architecture"])
+
+
+def apply_layers(model: DBLLMModel, path: str | os.PathLike) -> list[str]:
+    """Copy the trained dual-binary layers of an artifact into a deployed model, in place.
+
+    For deploying trained layers in another dtype or on another device than they were saved
+    with: deploy the source model afresh (``convert(quantize(model_fp16, ...))`` with the same
+    group size and codebook), then overwrite its bits and scales with the artifact's. The
+    scales (and sign-codebook offsets) take the dtype and device of the tensors they replace;
+    the packed bits must have the same shape. Everything that is not a dual-binary layer (norms,
+    embeddings) is the model's own, so it must be the same source model the artifact came from.
+
+    Returns:
+        The weight names that were replaced (every layer of the artifact).
+
+    Raises:
+        ArtifactError: the model is not deployed, lacks a layer of the artifact, or a layer's
+            shape, group size or codebook differs (named, with the fix).
+    """
+    from dbllm_compile.artifact.checkpoint import deploy_layer_tensors, load_layers
+    from dbllm_compile.passes.linear_match import get_attr_value
+
+    where = Path(path) / MANIFEST_FILE
+    if getattr(model, "stage", None) != "deploy":
+        raise ArtifactError(f"apply_layers({str(path)!r}): the model is not deployed (stage "
+                            f"{getattr(model, 'stage', None)!r}); pass dbllm_compile.convert(model)")
+    stored = load_layers(path)
+    held = deploy_layer_tensors(model.graph_module)
+    missing = sorted(set(stored) - set(held))
+    if missing:
+        raise ArtifactError(f"{where}: layers {missing[:3]} ({len(missing)} in all) are not dual-binary layers of "
+                            "the model; quantize the same source model with the same include/exclude patterns")
+    if stored and next(iter(stored.values()))[3] != model.config.group_size:
+        raise ArtifactError(f"{where}: the artifact has group_size {next(iter(stored.values()))[3]}, the model "
+                            f"{model.config.group_size}; quantize with DBLLMConfig(group_size=...) to match")
+    gm = model.graph_module
+    for weight, (packed, a1, a2, _group, c) in stored.items():
+        names = held[weight]
+        if (c is None) != ("c" not in names):
+            raise ArtifactError(f"{where}: layer {weight!r} uses the {'sign' if c is not None else 'binary'} codebook, "
+                                "the model the other; quantize with the artifact's codebook")
+        for key, value in (("packed", packed), ("a1", a1), ("a2", a2), ("c", c)):
+            if value is None:
+                continue
+            target = get_attr_value(gm, names[key])
+            if tuple(target.shape) != tuple(value.shape):
+                raise ArtifactError(f"{where}: layer {weight!r} tensor {key} is {list(value.shape)} in the artifact, "
+                                    f"{list(target.shape)} in the model; the architecture differs")
+            with torch.no_grad():
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return sorted(stored)
