@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import pytest
 import torch
@@ -11,16 +12,17 @@ import torch
 import dbllm_compile as dc
 from dbllm_compile.distill import train as train_mod
 from dbllm_compile.distill.blocks import capture, extract_block
+from dbllm_compile.distill.checkpoint import MetricsLog
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
 from dbllm_compile.distill.pipeline import distill
 from dbllm_compile.distill.train import DistillConfig, trainable_parameters
 
 
-def _llama(seed=0):
+def _llama(seed=0, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
@@ -220,3 +222,145 @@ def test_stage_that_trains_nothing_is_an_error():
     with pytest.raises(dc.ConfigError, match="trains nothing"):
         distill(q, model, data, DistillConfig(steps=1, block_steps=0, batch_size=4, train_weights=False),
                 progress=False, plots=False)
+
+
+def _block_params(q):
+    scales, latents = trainable_parameters(q.graph_module, True)
+    return {k: v.detach().clone() for k, v in {**scales, **latents}.items()}
+
+
+def test_last_use_of_block_boundaries():
+    data = _data(8, 16)
+    blocks = _student(_llama(layers=3), data).report.blocks
+    last = train_mod._last_use(blocks)
+    assert set(last) == {n for b in blocks for n in (*b.inputs, *b.outputs)}
+    shared = set.intersection(*(set(b.inputs) for b in blocks))  # rotary tables, mask, sizes
+    assert {n for n in shared if not n.startswith("sym_size")} and all(last[n] == 2 for n in shared)
+    for i, b in enumerate(blocks):
+        (hidden,) = [n for n in b.inputs if n not in shared]
+        assert last[hidden] == i  # read by this block only: the embedding, then the block before's output
+        assert hidden == ("embedding" if i == 0 else blocks[i - 1].outputs[0])
+        assert last[b.outputs[0]] == min(i + 1, 2)  # the next block's input; the last block's target
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_block_stage_frees_values_after_their_last_use(tmp_path, monkeypatch, resume):
+    """When block i trains, neither the teacher's values nor the quantized path's hold a value
+    that no block from i on reads; at the end nothing is left. Also on the resume path, where
+    the blocks before the checkpoint are replayed."""
+    data = _data(8, 16)
+    cfg = DistillConfig(block_steps=3, block_batch_size=4)
+    ckpt = tmp_path / "checkpoint.pt"
+    if resume:  # killed at block 2: the second call replays blocks 0 and 1
+        real = train_mod._rel_mse
+        calls = {"n": 0}
+
+        def dying(*a, **k):
+            calls["n"] += 1
+            if calls["n"] > 2 * (3 + 2 * 2):  # two blocks of (3 steps + before/after on 2 batches)
+                raise _Killed
+            return real(*a, **k)
+
+        with monkeypatch.context() as m:
+            m.setattr(train_mod, "_rel_mse", dying)
+            with pytest.raises(_Killed):
+                train_mod.train_blocks(_student(_llama(layers=3), data), data, cfg, checkpoint=ckpt, progress=False)
+
+    q = _student(_llama(layers=3), data)
+    blocks = q.report.blocks
+    last = train_mod._last_use(blocks)
+    captured: list[dict] = []
+    pushed: list[tuple[str, weakref.ref]] = []  # quantized-path values computed without gradient
+    trained: list[int] = []
+    current: dict[str, int] = {}
+    real_capture, real_extract, real_loss = train_mod.capture, train_mod.extract_block, train_mod._rel_mse
+
+    def spy_capture(*a, **k):
+        captured.append(real_capture(*a, **k))
+        return captured[-1]
+
+    def spy_extract(gm, block):  # called once per block, at its start
+        current["index"] = [b.name for b in blocks].index(block.name)
+        module = real_extract(gm, block)
+
+        def hook(_module, _args, out):
+            if not torch.is_grad_enabled():
+                pushed.extend((name, weakref.ref(value)) for name, value in zip(block.outputs, out))
+
+        module.register_forward_hook(hook)
+        return module
+
+    def spy_loss(out, ref):
+        i = current["index"]
+        for values in captured:
+            assert not [n for n in values if last[n] < i], f"block {i}: teacher values past their last use"
+        assert not [n for n, r in pushed if r() is not None and last[n] < i], f"block {i}: chain values past their last use"
+        trained.append(i)
+        return real_loss(out, ref)
+
+    monkeypatch.setattr(train_mod, "capture", spy_capture)
+    monkeypatch.setattr(train_mod, "extract_block", spy_extract)
+    monkeypatch.setattr(train_mod, "_rel_mse", spy_loss)
+    records = train_mod.train_blocks(q, data, cfg, checkpoint=ckpt, progress=False)
+    assert len(records) == 3 and sorted(set(trained)) == ([2] if resume else [0, 1, 2])
+    assert captured and all(not values for values in captured)  # every teacher value freed
+    assert pushed and all(r() is None for _, r in pushed)
+    if resume:  # and the same parameters as an uninterrupted run
+        straight = _student(_llama(layers=3), data)
+        monkeypatch.undo()
+        train_mod.train_blocks(straight, data, cfg, progress=False)
+        resumed = _block_params(q)
+        for k, v in _block_params(straight).items():
+            assert torch.equal(v, resumed[k]), k
+
+
+def test_block_offload_gives_the_same_parameters_and_is_reported(monkeypatch):
+    data = _data(10, 16)  # 3 batches, the last one smaller
+    moved = {"n": 0}
+    real_to_host = train_mod._to_host
+
+    def spy(*a, **k):
+        moved["n"] += 1
+        return real_to_host(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_to_host", spy)
+    params, reports = {}, {}
+    for offload in ("none", "cpu", "auto"):
+        q = _student(_llama(), data)
+        metrics = MetricsLog(None)
+        moved["n"] = 0
+        cfg = DistillConfig(block_steps=3, block_batch_size=4, block_offload=offload)
+        records = train_mod.train_blocks(q, data, cfg, metrics=metrics, progress=False)
+        params[offload] = (_block_params(q), [(r["before"], r["after"]) for r in records])
+        (reports[offload],) = [r for r in metrics.records if "block_offload" in r]
+        assert (moved["n"] > 0) == (offload == "cpu")
+    for offload in ("cpu", "auto"):
+        assert params[offload][1] == params["none"][1]
+        for k, v in params["none"][0].items():
+            assert torch.equal(v, params[offload][0][k]), (offload, k)
+    assert [reports[o]["block_offload"] for o in ("none", "cpu", "auto")] == ["none", "cpu", "none"]  # auto: never on CPU
+    assert reports["none"]["teacher_bytes"] == reports["cpu"]["teacher_bytes"] > 0
+    with pytest.raises(dc.ConfigError, match="block_offload"):
+        DistillConfig(block_offload="gpu")
+
+
+def test_host_arena_stores_values_unchanged_in_shared_chunks():
+    arena = train_mod._HostArena(pin=False)
+    values = [torch.randn(3, 5), torch.randn(2, 7).to(torch.bfloat16), torch.arange(9), torch.rand(4) > 0.5,
+              torch.tensor(2.5, dtype=torch.float64), torch.empty(0, 3)]
+    stored = [arena.store(v) for v in values]
+    for v, s in zip(values, stored):
+        assert s.dtype == v.dtype and s.shape == v.shape and s.is_contiguous() and torch.equal(s, v)
+        offset = s.data_ptr() - s.untyped_storage().data_ptr()
+        assert offset % train_mod._HostArena.ALIGN == 0 or s.numel() == 0
+    values[0].add_(1)
+    assert not torch.equal(stored[0], values[0])  # copies, not views of the inputs
+    arena = train_mod._HostArena(pin=False)  # values of one node: same size, carved out of shared chunks
+    hidden = [arena.store(torch.full((3 << 10,), float(i))) for i in range(40)]  # 12 KiB each
+    assert all(torch.equal(h, torch.full((3 << 10,), float(i))) for i, h in enumerate(hidden))
+    ptrs = [h.untyped_storage().data_ptr() for h in hidden]
+    sizes = {h.untyped_storage().nbytes() for h in hidden}
+    assert sizes == {1 << 18}  # 16 x 12 KiB rounded up to a power of two: 21 values per chunk
+    assert ptrs[:21] == [ptrs[0]] * 21 and ptrs[21:] == [ptrs[21]] * 19 and ptrs[21] != ptrs[0]
+    cpu = torch.ones(2)
+    assert train_mod._to_host(cpu) is cpu and train_mod._to_host(3) == 3  # nothing to move

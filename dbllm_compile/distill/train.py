@@ -58,6 +58,12 @@ class DistillConfig:
             weighted equally, whatever its scale; on the CPU budget 3,777 against 2,076 for
             "global", docs/results.md section 2).
         block_latent_lr: same for the latent weights.
+        block_offload: where the block-wise stage keeps the teacher's values at the block
+            boundaries (captured for every batch before the first block is trained): ``"auto"``
+            (default) moves them to host memory (pinned) when the device is CUDA and their estimated
+            size exceeds a quarter of the free GPU memory, and keeps them on the device otherwise;
+            ``"cpu"`` always moves them to host memory (pinned on CUDA); ``"none"`` keeps them on
+            the device. The values are the same either way, only where they are stored differs.
         seed: seed of the data order.
         checkpoint_every: end-to-end steps between checkpoints.
         autocast: ``"auto"`` (the exported dtype, TF32 matmuls on CUDA), ``"bf16"`` (autocast;
@@ -83,6 +89,7 @@ class DistillConfig:
     block_lr: float = 5e-4
     block_loss: str = "global"
     block_latent_lr: float = 5e-5
+    block_offload: str = "auto"
     seed: int = 0
     checkpoint_every: int = 25
     autocast: str = "auto"
@@ -102,6 +109,8 @@ class DistillConfig:
             raise ConfigError(f"DistillConfig.warmup must be in [0, 1), got {self.warmup!r}")
         if self.block_loss not in ("token", "global", "channel"):
             raise ConfigError(f"DistillConfig.block_loss must be 'global', 'token' or 'channel', got {self.block_loss!r}")
+        if self.block_offload not in ("auto", "cpu", "none"):
+            raise ConfigError(f"DistillConfig.block_offload must be 'auto', 'cpu' or 'none', got {self.block_offload!r}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ConfigError(f"DistillConfig.autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
 
@@ -264,6 +273,79 @@ def _channel_rel_mse(out: tuple, ref: tuple) -> torch.Tensor:
     return torch.cat(terms).mean()
 
 
+def _last_use(blocks: list) -> dict[str, int]:
+    """For each block boundary node name, the index in ``blocks`` of the last block that reads it,
+    as an input or as a target (one of its outputs).
+
+    Once block ``i`` is done, the values whose last use is ``<= i`` are no longer needed: a
+    block's outputs are inputs of the blocks after it and live until the last of them; values
+    read by every block (rotary tables, masks) live to the end.
+    """
+    last: dict[str, int] = {}
+    for index, block in enumerate(blocks):
+        for name in (*block.inputs, *block.outputs):
+            last[name] = index
+    return last
+
+
+def _nbytes(values: dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on a CUDA device: the driver's free memory plus PyTorch's cached, unused blocks."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+class _HostArena:
+    """Host memory for the captured values of one boundary node, carved out of large chunks.
+
+    PyTorch's pinned-memory allocator rounds every allocation up to a power of two: pinning each
+    captured value on its own would take up to twice its size (8 MiB for a 4.5 MiB hidden state).
+    The values are carved, in order, out of chunks whose size is a power of two and holds at least
+    16 of them, so little is wasted (under 1/16 of each chunk, and the end of the last); a chunk is freed with the last value carved out of it (values of one node are freed
+    together, after the last block that reads the node).
+    """
+
+    ALIGN = 512  # bytes; a multiple of every element size
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.chunk: torch.Tensor | None = None
+        self.used = 0
+
+    def store(self, value: torch.Tensor) -> torch.Tensor:
+        """A contiguous host copy of the contiguous tensor ``value`` (same shape, dtype, values)."""
+        nbytes = value.numel() * value.element_size()
+        size = -(-nbytes // self.ALIGN) * self.ALIGN
+        if self.chunk is None or self.used + size > self.chunk.numel():
+            chunk_bytes = 1 << max(16 * size - 1, 1).bit_length()  # room for 16 to 31 values
+            self.chunk = torch.empty(chunk_bytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
+            self.used = 0
+        host = self.chunk[self.used : self.used + nbytes].view(value.dtype).view(value.shape)
+        self.used += size
+        host.copy_(value)
+        return host
+
+
+def _to_host(value: Any, arena: _HostArena | None = None) -> Any:
+    """``value`` in host memory with the same values and dtype: from CUDA, pinned (so that copying
+    it back can be asynchronous) and, when contiguous, stored in ``arena``. Non-tensors and tensors
+    already on the CPU are returned as they are."""
+    if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
+        return value
+    if value.device.type != "cuda":
+        return value.cpu()
+    if arena is not None and value.is_contiguous():
+        return arena.store(value)
+    return value.cpu().pin_memory()  # keeps the strides of dense tensors
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
 def train_blocks(
     student: DBLLMModel,
     data: torch.Tensor,
@@ -284,6 +366,12 @@ def train_blocks(
 
     Must run before any latent weight is trained: the teacher's block outputs are computed from
     the latent weights as dense weights (see :func:`~dbllm_compile.distill.blocks.capture`).
+
+    Memory: the teacher's values at every block boundary are captured for every batch before the
+    first block trains, on the device or in host memory (``DistillConfig.block_offload``; the
+    choice and the estimated size are logged once to ``metrics``). Each value, the teacher's or
+    the quantized path's, is freed once the last block that reads it is done (:func:`_last_use`),
+    so the quantized path holds one block boundary at a time.
     """
     from tqdm.auto import tqdm
 
@@ -303,10 +391,27 @@ def train_blocks(
     bs = cfg.block_batch_size
     batches = [data[i : i + bs].to(device) for i in range(0, data.shape[0], bs)]
     boundary = sorted({n for b in blocks for n in (*b.inputs, *b.outputs)})
+    last_use = _last_use(blocks)
+    free = _free_memory(device) if device.type == "cuda" else 0  # before anything is captured
+    offload = cfg.block_offload == "cpu"
     teacher: list[dict[str, Any]] = []
+    arenas = {name: _HostArena(pin=True) for name in boundary} if device.type == "cuda" else {}
     for ids in tqdm(batches, desc="teacher block boundaries", disable=not progress, leave=False):
         with _autocast(device, cfg.autocast):
-            teacher.append(capture(gm, (ids,), student.fixed_kwargs, boundary, dense=True))
+            values = capture(gm, (ids,), student.fixed_kwargs, boundary, dense=True)
+        if not teacher:  # the first batch: estimate the whole capture, choose where to keep it, say so
+            estimate = _nbytes(values) * len(batches)
+            if cfg.block_offload == "auto":
+                offload = device.type == "cuda" and estimate > 0.25 * free
+            metrics.log(stage="blocks", block_offload="cpu" if offload else "none", teacher_bytes=estimate,
+                        **({"free_bytes": free} if device.type == "cuda" else {}))
+            if offload and progress:
+                tqdm.write(f"block-wise stage: teacher block boundaries (~{estimate / 2**30:.2f} GiB) kept in host memory")
+        if offload:
+            for name in list(values):
+                values[name] = _to_host(values[name], arenas.get(name))
+        teacher.append(values)
+    del arenas  # each chunk now lives as long as the values carved out of it
     chain: list[dict[str, Any]] = [dict() for _ in batches]  # quantized-path values by node name
     if state:  # after the capture: the teacher is the dense latent weights before any training
         _load_params(student, state["params"])
@@ -319,10 +424,10 @@ def train_blocks(
         scales, latents = trainable_parameters(module, cfg.train_latent)
 
         def inputs(b: int) -> list[Any]:
-            return [chain[b].get(n, teacher[b][n]) for n in block.inputs]
+            return [chain[b][n] if n in chain[b] else _to_device(teacher[b][n], device) for n in block.inputs]
 
         def targets(b: int) -> tuple:
-            return tuple(teacher[b][n] for n in block.outputs)
+            return tuple(_to_device(teacher[b][n], device) for n in block.outputs)
 
         if index >= done:
             _freeze_all_but(gm, [*scales.values(), *latents.values()])
@@ -344,6 +449,7 @@ def train_blocks(
                 bar.update(1)
                 bar.set_postfix(block=block.name, loss=f"{loss.item():.4g}")
                 metrics.log(stage="blocks", block=block.name, step=step, loss=loss.item())
+            del loss
             with torch.no_grad(), _autocast(device, cfg.autocast):
                 after = float(sum(block_loss(module(*inputs(b)), targets(b)) for b in range(len(batches))) / len(batches))
             records.append({"block": block.name, "before": before, "after": after,
@@ -353,10 +459,20 @@ def train_blocks(
                 names = [*scales_all, *latents_all]
                 save_checkpoint(checkpoint, {"stage": "blocks", "next_block": index + 1, "records": records,
                                              "params": _param_state(student, names)})
+        # trained or (on resume) replayed: push the outputs that later blocks read into the quantized
+        # path, then free every value of this batch that no later block reads
+        wanted = [k for k, name in enumerate(block.outputs) if last_use[name] > index]
+        dead = [name for name, last in last_use.items() if last == index]
         with torch.no_grad(), _autocast(device, cfg.autocast):
             for b in range(len(batches)):
-                for name, value in zip(block.outputs, module(*inputs(b))):
-                    chain[b][name] = value
+                if wanted:
+                    out = module(*inputs(b))
+                    for k in wanted:
+                        chain[b][block.outputs[k]] = out[k]
+                    del out
+                for name in dead:
+                    teacher[b].pop(name, None)
+                    chain[b].pop(name, None)
     bar.close()
     for p in gm.parameters():
         p.requires_grad_(True)
