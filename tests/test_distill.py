@@ -364,3 +364,21 @@ def test_host_arena_stores_values_unchanged_in_shared_chunks():
     assert ptrs[:21] == [ptrs[0]] * 21 and ptrs[21:] == [ptrs[21]] * 19 and ptrs[21] != ptrs[0]
     cpu = torch.ones(2)
     assert train_mod._to_host(cpu) is cpu and train_mod._to_host(3) == 3  # nothing to move
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host memory, asynchronous copies)")
+def test_block_offload_on_cuda_gives_the_same_parameters():
+    """The CUDA path of the offload: captures pinned in host arenas, copied back non-blocking."""
+    data = _data(10, 16)
+    params = {}
+    for offload in ("none", "cpu"):
+        q = _student(_llama().cuda(), data.cuda())
+        metrics = MetricsLog(None)
+        cfg = DistillConfig(block_steps=3, block_batch_size=4, block_offload=offload)
+        records = train_mod.train_blocks(q, data, cfg, metrics=metrics, progress=False)
+        (report,) = [r for r in metrics.records if "block_offload" in r]
+        assert report["block_offload"] == offload and report["free_bytes"] > 0
+        params[offload] = (_block_params(q), [(r["before"], r["after"]) for r in records])
+    assert params["cpu"][1] == params["none"][1]
+    for k, v in params["none"][0].items():
+        assert torch.equal(v, params["cpu"][0][k]), k
