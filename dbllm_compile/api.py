@@ -261,22 +261,28 @@ def convert(qmodel: DBLLMModel, *, inplace: bool = False, progress: bool = True)
                       example_spec=qmodel.example_spec, architecture=qmodel.architecture)
 
 
-def add_activation_quant(qmodel: DBLLMModel) -> DBLLMModel:
+def add_activation_quant(qmodel: DBLLMModel, *, group_size: int | None = None) -> DBLLMModel:
     """Insert learnable 4-bit activation quantizers into a trained 16-bit-activation model, in place.
 
     Stage 3 of W(1+1)A4 (LBLLM): after the weights were distilled with activations in full
     precision, one ``dbllm.act_quant_train`` per distinct linear input is inserted (q/k/v share
     one, gate/up share one; see :mod:`dbllm_compile.passes.activation_quant`), its clip factor
     initialised to ``r = 0.95``; train the factors with ``DistillConfig(train_weights=False)``.
-    The config becomes ``activation_bits=4``; ``qmodel.report.activation_quantizers`` lists them.
+
+    ``group_size``: activation scale granularity, ``0`` one scale per token, ``G > 0`` one per
+    token and group of ``G`` input features (must divide every quantized layer's input features;
+    a :class:`~dbllm_compile.errors.ConfigError` otherwise, before anything changes). ``None``
+    (default) takes ``qmodel.config.activation_group_size``.
+    The config becomes ``activation_bits=4`` with that ``activation_group_size``;
+    ``qmodel.report.activation_quantizers`` lists the quantizers.
 
     Example:
         >>> import dbllm_compile
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
         >>> q = dbllm_compile.quantize(mlp, (torch.randn(4, 64),), dbllm_compile.DBLLMConfig(keep_head=False), progress=False)
-        >>> q = dbllm_compile.add_activation_quant(q)
-        >>> q.config.activation_bits, len(list(q.activation_parameters()))
-        (4, 2)
+        >>> q = dbllm_compile.add_activation_quant(q, group_size=32)
+        >>> q.config.activation_bits, q.config.activation_group_size, len(list(q.activation_parameters()))
+        (4, 32, 2)
     """
     import dataclasses
 
@@ -288,9 +294,13 @@ def add_activation_quant(qmodel: DBLLMModel) -> DBLLMModel:
     if qmodel.config.activation_bits == 4:
         raise DBLLMError("add_activation_quant(): this model already quantizes its activations to 4 bits "
                          "(quantized with activation_bits=4 or passed here before)")
+    if group_size is None:
+        group_size = qmodel.config.activation_group_size
+    # validates group_size first (ConfigError); the model is unchanged if it is refused
+    config = dataclasses.replace(qmodel.config, activation_bits=4, activation_group_size=group_size)
     gm = qmodel.graph_module
-    qmodel.report.activation_quantizers = insert_activation_quant(gm)
+    qmodel.report.activation_quantizers = insert_activation_quant(gm, group_size)
     gm.graph.lint()
     gm.recompile()
-    qmodel.config = dataclasses.replace(qmodel.config, activation_bits=4)
+    qmodel.config = config
     return qmodel

@@ -26,12 +26,17 @@
     the {0,1} form keep their seven arguments. Passes read node arguments by name with
     :func:`op_arguments`, never by position.
 
-``torch.ops.dbllm.act_quant_train(x, clip_logit)`` / ``torch.ops.dbllm.act_quant(x, clip_ratio)``
-    Dynamic per-token 4-bit activation quantization (fake quant: the output has the shape and
-    dtype of ``x``), defined in :mod:`dbllm_compile.reference.activation`. The training form
-    takes the learnable logit ``theta`` (``r = sigmoid(theta)``) and has the straight-through /
-    LSQ gradients of :func:`~dbllm_compile.reference.activation.fake_quantize_activation_backward`;
-    the deploy form takes the stored ratio ``r`` and is frozen (``dL/dx`` straight through only).
+``torch.ops.dbllm.act_quant_train(x, clip_logit, group_size=0)`` / ``torch.ops.dbllm.act_quant(x, clip_ratio, group_size=0)``
+    Dynamic 4-bit activation quantization (fake quant: the output has the shape and dtype of
+    ``x``), defined in :mod:`dbllm_compile.reference.activation`: one scale per token
+    (``group_size=0``) or per token and group of ``group_size`` contiguous features (``K`` must
+    be divisible by it). The training form takes the learnable logit ``theta``
+    (``r = sigmoid(theta)``) and has the straight-through / LSQ gradients of
+    :func:`~dbllm_compile.reference.activation.fake_quantize_activation_backward`; the deploy
+    form takes the stored ratio ``r`` and is frozen (``dL/dx`` straight through only).
+    ``group_size`` is the LAST argument and defaults to 0 (per token) so that call sites and
+    saved graphs from before it existed keep their two arguments; read it with
+    :func:`op_arguments`.
 
     Why separate ops instead of an activation-mode argument on the linears: linears that read the
     same tensor (q/k/v, gate/up) must share *one* quantized activation and *one* clip factor. A
@@ -225,7 +230,7 @@ def _deploy_backward(ctx: Any, grad_y: torch.Tensor):
 db_linear.register_autograd(_deploy_backward, setup_context=_deploy_setup_context)
 
 
-def _check_act_args(op: str, x: torch.Tensor, clip: torch.Tensor) -> None:
+def _check_act_args(op: str, x: torch.Tensor, clip: torch.Tensor, group_size: int = 0) -> None:
     torch._check(x.dim() >= 1, lambda: f"{op}: x must have a feature dimension, got a 0-d tensor")
     torch._check(x.dtype.is_floating_point, lambda: f"{op}: x must be a float tensor, got {x.dtype}")
     torch._check(
@@ -233,51 +238,66 @@ def _check_act_args(op: str, x: torch.Tensor, clip: torch.Tensor) -> None:
         lambda: f"{op}: the clip parameter must have one element (one factor per quantized "
         f"activation), got shape {tuple(clip.shape)}",
     )
+    torch._check_value(
+        group_size >= 0,
+        lambda: f"{op}: group_size must be >= 0 (0 = one scale per token), got {group_size}",
+    )
+    if group_size > 0:
+        k = x.shape[-1]
+        torch._check_value(
+            k % group_size == 0,
+            lambda: f"{op}: the feature dimension K={k} of x (shape {tuple(x.shape)}) is not divisible by "
+            f"group_size={group_size}; choose an activation group size that divides K, or 0 for one "
+            f"scale per token",
+        )
 
 
 @torch.library.custom_op("dbllm::act_quant_train", mutates_args=())
-def act_quant_train(x: torch.Tensor, clip_logit: torch.Tensor) -> torch.Tensor:
+def act_quant_train(x: torch.Tensor, clip_logit: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """Training form of the 4-bit activation quantizer: ``[..., K] -> [..., K]`` (module docstring)."""
-    _check_act_args("act_quant_train", x, clip_logit)
-    return fake_quantize_activation(x, clip_ratio_from_logit(clip_logit))
+    _check_act_args("act_quant_train", x, clip_logit, group_size)
+    return fake_quantize_activation(x, clip_ratio_from_logit(clip_logit), group_size)
 
 
 @act_quant_train.register_fake
-def _act_quant_train_fake(x, clip_logit):
-    _check_act_args("act_quant_train", x, clip_logit)
+def _act_quant_train_fake(x, clip_logit, group_size=0):
+    _check_act_args("act_quant_train", x, clip_logit, group_size)
     return torch.empty_like(x)
 
 
 def _act_train_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, clip_logit = inputs
+    x, clip_logit = inputs[:2]
+    ctx.group_size = inputs[2] if len(inputs) > 2 else 0
     ctx.save_for_backward(x, clip_logit)
 
 
 def _act_train_backward(ctx: Any, grad_y: torch.Tensor):
     x, clip_logit = ctx.saved_tensors
-    grad_x, grad_clip = fake_quantize_activation_backward(grad_y, x, clip_logit)
+    grad_x, grad_clip = fake_quantize_activation_backward(grad_y, x, clip_logit, ctx.group_size)
     return (grad_x if ctx.needs_input_grad[0] else None,
-            grad_clip if ctx.needs_input_grad[1] else None)
+            grad_clip if ctx.needs_input_grad[1] else None,
+            None)
 
 
 act_quant_train.register_autograd(_act_train_backward, setup_context=_act_train_setup_context)
 
 
 @torch.library.custom_op("dbllm::act_quant", mutates_args=())
-def act_quant(x: torch.Tensor, clip_ratio: torch.Tensor) -> torch.Tensor:
+def act_quant(x: torch.Tensor, clip_ratio: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """Deploy form of the 4-bit activation quantizer with a stored ratio ``r`` in ``(0, 1]``."""
-    _check_act_args("act_quant", x, clip_ratio)
-    return fake_quantize_activation(x, clip_ratio)
+    _check_act_args("act_quant", x, clip_ratio, group_size)
+    return fake_quantize_activation(x, clip_ratio, group_size)
 
 
 @act_quant.register_fake
-def _act_quant_fake(x, clip_ratio):
-    _check_act_args("act_quant", x, clip_ratio)
+def _act_quant_fake(x, clip_ratio, group_size=0):
+    _check_act_args("act_quant", x, clip_ratio, group_size)
     return torch.empty_like(x)
 
 
 def _act_deploy_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, clip_ratio = inputs
+    x, clip_ratio = inputs[:2]
+    ctx.group_size = inputs[2] if len(inputs) > 2 else 0
     ctx.save_for_backward(x, clip_ratio)
 
 
@@ -286,9 +306,9 @@ def _act_deploy_backward(ctx: Any, grad_y: torch.Tensor):
     grad_x = None
     if ctx.needs_input_grad[0]:
         # Same straight-through rule as training (clipped elements get no gradient); r is frozen.
-        inside = straight_through_mask(x, clip_ratio)
+        inside = straight_through_mask(x, clip_ratio, ctx.group_size)
         grad_x = torch.where(inside, grad_y, torch.zeros_like(grad_y)).to(x.dtype)
-    return grad_x, None
+    return grad_x, None, None
 
 
 act_quant.register_autograd(_act_deploy_backward, setup_context=_act_deploy_setup_context)

@@ -2,7 +2,11 @@
 
 ``torch.ops.dbllm.act_quant_int(x, clip_ratio) -> (codes, scale)``
     The per-token 4-bit quantizer of :mod:`dbllm_compile.reference.activation` in integer form:
-    ``codes`` int8 ``[..., K]`` in ``[-7, 7]``, ``scale`` float32 ``[..., 1]``.
+    ``codes`` int8 ``[..., K]`` in ``[-7, 7]``, ``scale`` float32 ``[..., 1]``. Per token only
+    (``group_size=0``): the int8 path has no per-group activation scales yet (the Triton A4 GEMM
+    applies one activation scale per row), so
+    :func:`~dbllm_compile.passes.int_activations.use_int_activations` leaves ``act_quant`` nodes
+    with ``group_size > 0`` on the fake-quant ``act_quant`` + ``db_linear`` path.
 
 ``torch.ops.dbllm.db_linear_a4(codes, scale, packed, a1, a2, bias, in_features, group_size, out_dtype, c=None)``
     The dual-binary linear on quantized activations: ``x_hat = (codes * scale).to(out_dtype)``,

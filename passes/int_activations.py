@@ -16,6 +16,14 @@ GEMM. Only linears that read the quantizer's output *directly* are rewritten; a 
 it through a view (or any other reader) keeps the ``act_quant`` node, which then stays in the
 graph for them. Opt-in: artifacts, exports and training keep the ``act_quant``/``db_linear``
 form; call this on the ``graph_module`` of a deployed model before running it on a GPU.
+
+Per-token scales only: an ``act_quant`` node with ``group_size > 0`` (one scale per token and
+group of input features, ``DBLLMConfig.activation_group_size``) is left alone with all its
+linears, because ``act_quant_int`` / ``db_linear_a4`` and the int8 Triton A4 GEMM apply one
+activation scale per row. Those linears keep running as ``act_quant`` + ``db_linear`` (correct,
+the same numerics, but not the int8 kernel path); each is listed in
+:attr:`IntActivationReport.skipped` with the reason, and the quantizers are counted in
+:attr:`IntActivationReport.grouped` (the ``dbllm`` Dynamo backend reports them as fallbacks).
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ __all__ = ["IntActivationReport", "use_int_activations"]
 
 @dataclass
 class IntActivationReport:
-    """What :func:`use_int_activations` did: quantizers rewritten, linears rewritten, and the
-    linears left on the fake-quant path with the reason."""
+    """What :func:`use_int_activations` did: quantizers rewritten, linears rewritten, the
+    linears left on the fake-quant path with the reason, and the number of quantizers left
+    alone because they have per-group scales (``group_size > 0``: no int8 kernel yet)."""
 
     quantizers: int = 0
     linears: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    grouped: int = 0
 
 
 def _dtype_of(node: fx.Node) -> torch.dtype | None:
@@ -55,6 +65,13 @@ def use_int_activations(gm: fx.GraphModule) -> IntActivationReport:
         if node.op != "call_function" or node.target != ACT_QUANT_OP:
             continue
         args = op_arguments(node)
+        if args["group_size"]:
+            report.grouped += 1
+            for user in node.users:
+                report.skipped.append((user.name, f"{node.name} has per-group activation scales (group_size="
+                                       f"{args['group_size']}); the int8 A4 kernels implement per-token scales "
+                                       f"only, so it stays act_quant + db_linear"))
+            continue
         direct = [u for u in node.users if u.op == "call_function" and u.target == DEPLOY_OP
                   and op_arguments(u)["x"] is node]
         for other in node.users:

@@ -10,9 +10,11 @@ deploy node gets ``c`` as its last argument. Latent weights and float32 scales a
 afterwards, so the deployed module holds 2 bits per weight plus the scales (and offsets). The
 training and deploy forms then compute bit-identical outputs.
 
-Each ``dbllm.act_quant_train(x, clip_logit)`` node (``activation_bits=4``) becomes
-``dbllm.act_quant(x, clip_ratio)`` with the float32 buffer ``<clip>_ratio = sigmoid(clip_logit)``
-(the value the training form computes, so both forms quantize identically); the logit is dropped.
+Each ``dbllm.act_quant_train(x, clip_logit[, group_size])`` node (``activation_bits=4``) becomes
+``dbllm.act_quant(x, clip_ratio[, group_size])`` with the float32 buffer
+``<clip>_ratio = sigmoid(clip_logit)`` (the value the training form computes, so both forms
+quantize identically) and the same activation group size (omitted when 0, per token); the logit
+is dropped.
 """
 
 from __future__ import annotations
@@ -55,12 +57,15 @@ def _convert_activation_quant(gm: fx.GraphModule) -> set[str]:
     """``act_quant_train`` -> ``act_quant`` with a stored ratio; returns the logit targets."""
     logits: set[str] = set()
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == ACT_QUANT_TRAIN_OP]:
-        x, clip_node = node.args
+        a = op_arguments(node)
+        x, clip_node, group_size = a["x"], a["clip_logit"], a["group_size"]
         ratio_target = f"{clip_node.target}_ratio"
         ratio = clip_ratio_from_logit(get_attr_value(gm, clip_node.target).detach())
         _set_attr(gm, ratio_target, ratio, parameter=False)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(ACT_QUANT_OP, (x, gm.graph.get_attr(ratio_target)))
+            ratio_node = gm.graph.get_attr(ratio_target)
+            args = (x, ratio_node) if not group_size else (x, ratio_node, group_size)
+            new = gm.graph.call_function(ACT_QUANT_OP, args)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -32,6 +32,7 @@ import torch
 from torch import fx
 
 from dbllm_compile.config import DBLLMConfig
+from dbllm_compile.errors import ConfigError
 from dbllm_compile.ops import TRAIN_OP
 from dbllm_compile.reference.dual_binary import check_weight, init_scales, padded_in_features
 from dbllm_compile.reference.sign_codebook import init_sign_scales
@@ -282,6 +283,16 @@ def quantize_linears(
         (['0'], ['2'])
     """
     report, selected = select_linears(gm, config)
+    act_g = config.activation_group_size
+    if config.activation_bits == 4 and act_g:  # fail before the (slow) initialisation
+        bad = [g[0] for _, g in selected if g[0].in_features % act_g]
+        if bad:
+            raise ConfigError(
+                f"activation_group_size={act_g} does not divide the input features of {bad[0].name} "
+                f"(K={bad[0].in_features}; {len(bad)} layer(s) in all: {[s.name for s in bad[:4]]}): choose an "
+                f"activation group size that divides every quantized layer's in_features, or 0 for one "
+                f"scale per token"
+            )
     iterator: Iterable = selected
     if progress is not None:
         iterator = progress(selected)
@@ -337,7 +348,7 @@ def quantize_linears(
     if config.activation_bits == 4:
         from dbllm_compile.passes.activation_quant import insert_activation_quant
 
-        report.activation_quantizers = insert_activation_quant(gm)
+        report.activation_quantizers = insert_activation_quant(gm, config.activation_group_size)
     gm.graph.lint()
     gm.recompile()
     report.blocks = find_blocks(gm, [q.name for q in report.rewritten])

@@ -72,6 +72,19 @@ def test_no_distill_w2a4_reports_the_naive_baseline(tiny_hf_dir, tmp_path, capsy
     stdout = capsys.readouterr().out
     ppl = json.loads(stdout[stdout.index("{\n"):])["perplexity"]["python-docs (default)"]
     assert {"2bit", "a4-maxabs", "w2a4"} <= set(ppl)
+    config = json.loads((tmp_path / "o" / "dbllm.json").read_text())["config"]
+    assert (config["activation_bits"], config["activation_group_size"]) == (4, 64)  # the CLI's default
+
+
+def test_act_group_size_is_checked_early(tiny_hf_dir, capsys):
+    rc = main(["quantize", "--model", "no-such-model", "--act-group-size", "32"])
+    assert rc == 2 and "--activation-bits 4" in capsys.readouterr().err
+    directory, _, _ = tiny_hf_dir  # hidden size 64: 48 does not divide it; fails before any evaluation
+    rc = main(["quantize", "--model", str(directory), "--no-default-text", "--activation-bits", "4",
+               "--act-group-size", "48"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "activation group size 48" in err and "K=64" in err
 
 
 def test_bad_config_is_a_clear_error_before_loading(capsys):

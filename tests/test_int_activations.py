@@ -68,6 +68,38 @@ def test_linears_reading_through_views_keep_the_fake_quant_path(tiny_gpt2):
         assert torch.equal(before, d(ids, use_cache=False).logits)
 
 
+def test_per_group_quantizers_stay_on_the_fake_quant_path(tiny_llama):
+    """act_quant with group_size > 0 has no int8 kernel: left alone, reported; G = 0 ones still fuse."""
+    from dbllm_compile.ops import op_arguments
+
+    d = _deployed_a4(tiny_llama, _ids(2, 16), activation_group_size=32)
+    act = _nodes(d, ACT_QUANT_OP)
+    assert [op_arguments(n)["group_size"] for n in act] == [32] * 8
+    ids = _ids(2, 9, seed=3)
+    with torch.no_grad():
+        before = d(ids, use_cache=False).logits
+    report = use_int_activations(d.graph_module)
+    assert (report.quantizers, report.linears, report.grouped) == (0, 0, 8) and len(report.skipped) == 14
+    assert all("per-group activation scales (group_size=32)" in why and "per-token" in why for _, why in report.skipped)
+    assert len(_nodes(d, ACT_QUANT_OP)) == 8 and len(_nodes(d, DEPLOY_OP)) == 14 and not _nodes(d, ACT_QUANT_INT_OP)
+    with torch.no_grad():
+        assert torch.equal(before, d(ids, use_cache=False).logits)
+
+    # mixed graph: the first quantizer (q/k/v of layer 0) made per token again; only it is fused
+    d = _deployed_a4(tiny_llama, _ids(2, 16), activation_group_size=32)
+    first = _nodes(d, ACT_QUANT_OP)[0]
+    first.args = first.args[:2]
+    d.graph_module.recompile()
+    with torch.no_grad():
+        before = d(ids, use_cache=False).logits
+    report = use_int_activations(d.graph_module)
+    assert (report.quantizers, report.linears, report.grouped, len(report.skipped)) == (1, 3, 7, 11)
+    assert len(_nodes(d, ACT_QUANT_INT_OP)) == 1 and len(_nodes(d, DB_LINEAR_A4_OP)) == 3
+    assert len(_nodes(d, ACT_QUANT_OP)) == 7 and len(_nodes(d, DEPLOY_OP)) == 11
+    with torch.no_grad():
+        assert torch.equal(before, d(ids, use_cache=False).logits)
+
+
 def test_ops_pass_opcheck_and_match_the_fake_quant_pair():
     gen = torch.Generator().manual_seed(0)
     n, k, g = 12, 100, 32

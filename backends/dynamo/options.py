@@ -60,7 +60,9 @@ class CompileOptions:
         int_activations: in a deployed W(1+1)A4 model, rewrite ``act_quant`` + ``db_linear`` into
             ``act_quant_int`` + ``db_linear_a4`` (int8 codes, the A4 Triton GEMM on CUDA; see
             ``passes/int_activations.py``). Off by default until its GPU speed is measured; on
-            CPU it changes nothing numerically (the reference ops are bit-identical).
+            CPU it changes nothing numerically (the reference ops are bit-identical). Per-token
+            quantizers only: those with per-group scales (``activation_group_size > 0``) stay
+            ``act_quant`` + ``db_linear`` and are recorded as fallbacks.
         mode: Inductor mode of the non-quantized part (``"default"``, ``"reduce-overhead"``: CUDA
             graphs, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``). ``torch.compile``
             refuses ``mode=`` together with ``options=``, so with options the mode goes here;

@@ -126,6 +126,7 @@ def distill_w2a4(
     plots: bool = True,
     on_stage_end: Callable[[str, DBLLMModel], None] | None = None,
     weights_from: str | Path | None = None,
+    act_group_size: int | None = None,
 ) -> dict[str, DistillResult]:
     """The three decoupled stages of W(1+1)A4 (LBLLM), on a model from :func:`dbllm_compile.quantize`.
 
@@ -146,6 +147,12 @@ def distill_w2a4(
     stage 2 starts from its checkpoint instead of training again (copied into
     ``stage2-weights/`` when that has no checkpoint yet; a run that stopped early resumes the
     remaining steps). Needs ``out_dir``.
+
+    ``act_group_size``: granularity of the activation scales inserted by stage 3 (0: per token;
+    ``G``: per token and group of ``G`` input features), passed to
+    :func:`~dbllm_compile.add_activation_quant`; ``None`` (default) takes
+    ``student.config.activation_group_size``. Checked against every layer before stage 2, so
+    a group size that does not divide some layer's input features fails before any training.
     """
     import dataclasses
 
@@ -154,6 +161,11 @@ def distill_w2a4(
     if student.config.activation_bits != 16:
         raise DBLLMError("distill_w2a4() takes a model quantized with activation_bits=16: the activation "
                          "quantizers are inserted by stage 3, after the weights were distilled")
+    from dbllm_compile.passes.activation_quant import check_activation_group_size
+
+    if act_group_size is None:
+        act_group_size = student.config.activation_group_size
+    check_activation_group_size(student.graph_module, act_group_size)  # before hours of training
     weights = weights or DistillConfig()
     activations = activations or DistillConfig(steps=100)
     activations = dataclasses.replace(activations, train_weights=False, train_activation=True, block_steps=0)
@@ -169,7 +181,7 @@ def distill_w2a4(
                                   progress=progress, plots=plots)}
     if on_stage_end:
         on_stage_end("weights", student)
-    add_activation_quant(student)
+    add_activation_quant(student, group_size=act_group_size)
     if on_stage_end:
         on_stage_end("activations-init", student)
     results["activations"] = distill(student, teacher, data, activations,
