@@ -17,10 +17,12 @@ def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["quantize", "--model", str(directory), "--eval-text", str(text), "--windows", "2",
                "--seq-len", "32", "--out", str(out), "--json", "--steps", "4", "--block-steps", "2",
-               "--tokens", "256", "--calib-seq-len", "32"])
+               "--tokens", "256", "--calib-seq-len", "32", "--latent-lr", "1e-4", "--block-lr", "3e-4"])
     assert rc == 0
     stdout = capsys.readouterr().out
     results = json.loads(stdout[stdout.index("{\n"):])
+    cfg = results["distill"]["config"]
+    assert (cfg["latent_lr"], cfg["block_lr"], cfg["lr"]) == (1e-4, 3e-4, 2e-4)  # flags reach the config; lr default
     assert results["layers_rewritten"] == 14 and results["layers_skipped"] == ["lm_head"]
     assert results["bits_per_weight"] == pytest.approx(2.5)
     for label in ("python-docs (default)", str(text)):

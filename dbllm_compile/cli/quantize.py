@@ -56,6 +56,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--block-loss", choices=["global", "token", "channel"], default="global",
                    help="block-wise reconstruction loss (default global; docs/distillation.md)")
     d.add_argument("--scales-only", action="store_true", help="train the scales only, not the latent weights")
+    for flag, field_name in (("--lr", "lr"), ("--latent-lr", "latent_lr"), ("--block-lr", "block_lr"),
+                             ("--block-latent-lr", "block_latent_lr")):
+        d.add_argument(flag, type=float, default=None, dest=field_name, metavar="LR",
+                       help=f"peak learning rate: DistillConfig.{field_name} (default "
+                            f"{getattr(_distill_defaults(), field_name):g}; docs/distillation.md)")
     d.add_argument("--corpus", type=Path, default=None, metavar="FILE",
                    help="UTF-8 text to calibrate on instead of (or mixed with, see --corpus-fraction) generated text")
     d.add_argument("--corpus-fraction", type=float, default=1.0,
@@ -104,6 +109,12 @@ BUDGETS: dict[str, dict[str, int]] = {
     "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 2000, "batch_size": 8,
             "act_steps": 300},
 }
+
+
+def _distill_defaults() -> Any:
+    from dbllm_compile.distill import DistillConfig
+
+    return DistillConfig()
 
 
 def _stage(timings: dict[str, float], name: str, console: Any):
@@ -227,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
                                     batch_size=budget["batch_size"], block_batch_size=budget["batch_size"],
                                     loss=LossSpec(args.loss), train_latent=not args.scales_only, seed=args.seed,
                                     block_loss=args.block_loss,
+                                    **{k: getattr(args, k) for k in ("lr", "latent_lr", "block_lr", "block_latent_lr")
+                                       if getattr(args, k) is not None},
                                     # a checkpoint holds latents + AdamW state (~1.6 GB for 135M): not too often
                                     checkpoint_every=100 if budget["steps"] >= 500 else 25,
                                     compile=args.compile if args.compile is not None else device.type == "cuda")
