@@ -27,6 +27,20 @@ def _llama(tiny_llama, config=A4):
                        config=config, progress=False)
 
 
+def _mlp_reference(gm, x, group_size=0):
+    """The quantized 3-linear MLP of the ``mlp`` fixture in reference ops: each linear's input
+    fake-quantized with its own clip factor, GELU after the first two."""
+    h = x
+    for i, act in ((0, True), (2, True), (4, False)):
+        r = clip_ratio_from_logit(gm.get_parameter(f"{i}.weight_act_clip"))
+        h = db_linear_train_reference(fake_quantize_activation(h, r, group_size), gm.get_parameter(f"{i}.weight"),
+                                      gm.get_parameter(f"{i}.weight_a1"), gm.get_parameter(f"{i}.weight_a2"),
+                                      gm.get_parameter(f"{i}.bias"), 64, torch.float16)
+        if act:
+            h = torch.nn.functional.gelu(h)
+    return h
+
+
 def test_llama_siblings_share_one_quantized_activation(tiny_llama):
     q = _llama(tiny_llama)
     quantizers = q.report.activation_quantizers
@@ -58,15 +72,7 @@ def test_mlp_output_matches_reference_composition(mlp):
     for p in q.activation_parameters():  # distinct ratios per layer
         p.data.fill_(float(torch.randn(())))
     x = torch.randn(5, 64)
-    h = x
-    for i, act in ((0, True), (2, True), (4, False)):
-        r = clip_ratio_from_logit(gm.get_parameter(f"{i}.weight_act_clip"))
-        h = db_linear_train_reference(fake_quantize_activation(h, r), gm.get_parameter(f"{i}.weight"),
-                                      gm.get_parameter(f"{i}.weight_a1"), gm.get_parameter(f"{i}.weight_a2"),
-                                      gm.get_parameter(f"{i}.bias"), 64, torch.float16)
-        if act:
-            h = torch.nn.functional.gelu(h)
-    torch.testing.assert_close(q(x), h, rtol=0, atol=0)
+    torch.testing.assert_close(q(x), _mlp_reference(gm, x), rtol=0, atol=0)
 
 
 def test_activation_bits_16_inserts_nothing(tiny_llama):
@@ -189,15 +195,7 @@ def test_group_size_mlp_matches_reference_composition(mlp):
                     config=DBLLMConfig(activation_bits=4, activation_group_size=32, keep_head=False))
     gm = q.graph_module
     x = torch.randn(5, 64)
-    h = x
-    for i, act in ((0, True), (2, True), (4, False)):
-        r = clip_ratio_from_logit(gm.get_parameter(f"{i}.weight_act_clip"))
-        h = db_linear_train_reference(fake_quantize_activation(h, r, 32), gm.get_parameter(f"{i}.weight"),
-                                      gm.get_parameter(f"{i}.weight_a1"), gm.get_parameter(f"{i}.weight_a2"),
-                                      gm.get_parameter(f"{i}.bias"), 64, torch.float16)
-        if act:
-            h = torch.nn.functional.gelu(h)
-    torch.testing.assert_close(q(x), h, rtol=0, atol=0)
+    torch.testing.assert_close(q(x), _mlp_reference(gm, x, 32), rtol=0, atol=0)
 
 
 def test_group_size_training_updates_clip_factors(tiny_llama):

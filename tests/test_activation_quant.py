@@ -30,6 +30,16 @@ def _rowwise_oracle(x, r):
     return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], 1)
 
 
+def _assert_same_forward_and_grads(y, y_ref, inputs, ref_inputs):
+    """Same output, and the same gradients of every input after backward of a random cotangent."""
+    torch.testing.assert_close(y, y_ref)
+    cotangent = torch.randn_like(y)
+    y.backward(cotangent)
+    y_ref.backward(cotangent)
+    for a, b in zip(inputs, ref_inputs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_int_form_bit_exact_against_oracle_and_fake_quant(shape, dtype):
@@ -86,12 +96,7 @@ def test_gradients_match_dense_autograd(shape, ratio):
     xb, tb = x.clone().requires_grad_(), theta.clone().requires_grad_()
     y = ACT_QUANT_TRAIN_OP(xa, ta)
     y_ref = _dense_ste(xb, tb)
-    torch.testing.assert_close(y, y_ref)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad)
-    torch.testing.assert_close(ta.grad, tb.grad)
+    _assert_same_forward_and_grads(y, y_ref, (xa, ta), (xb, tb))
     assert ta.grad.shape == theta.shape
 
 
@@ -250,12 +255,7 @@ def test_group_gradients_match_dense_autograd(shape, g, ratio):
     xb, tb = x.clone().requires_grad_(), theta.clone().requires_grad_()
     y = ACT_QUANT_TRAIN_OP(xa, ta, g)
     y_ref = _dense_ste_grouped(xb, tb, g)
-    torch.testing.assert_close(y, y_ref)
-    gr = torch.randn_like(y)
-    y.backward(gr)
-    y_ref.backward(gr)
-    torch.testing.assert_close(xa.grad, xb.grad)
-    torch.testing.assert_close(ta.grad, tb.grad)
+    _assert_same_forward_and_grads(y, y_ref, (xa, ta), (xb, tb))
 
 
 def test_group_clip_gradient_explicit_formula():
