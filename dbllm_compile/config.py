@@ -87,7 +87,7 @@ class DBLLMConfig:
             every quantized activation's ``K`` must be divisible by ``G`` (checked when the
             quantizers are inserted). Far more accurate on real models with massive-activation
             channels (SmolLM2-135M, full-precision weights, fake-quant A4, CPU: WikiText-2
-            perplexity 7,947 per token, 76.6 at G=64, 49.5 at G=32; fp 30.1); the command line
+            40 windows: perplexity 6,910 per token, 76.2 at G=64, 48.3 at G=32; fp 28.74; docs/results.md 4.3); the command line
             uses 64 for ``--activation-bits 4``. Only per-token scales (``0``) have int8 Triton
             kernels (:mod:`dbllm_compile.passes.int_activations`). Ignored while
             ``activation_bits=16`` (it then applies when quantizers are added later by

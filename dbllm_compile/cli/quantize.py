@@ -85,7 +85,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         f"input features (default {DEFAULT_ACT_GROUP_SIZE}; must divide every layer's input "
                         "features), 0 = one scale per token. Per-token scales are wrecked by a few "
                         "massive-activation channels: on SmolLM2-135M (fp weights, fake A4, CPU, WikiText-2) "
-                        "perplexity 7,947 per token vs 76.6 at G=64 and 49.5 at G=32 (fp 30.1). The int8 "
+                        "perplexity 6,910 per token vs 76.2 at G=64 and 48.3 at G=32 (fp 28.74). The int8 "
                         "Triton A4 kernels support only 0 so far")
     a.add_argument("--act-steps", type=int, default=None, help="end-to-end steps of the activation stage")
     q.set_defaults(run=run)
@@ -96,8 +96,10 @@ DEFAULT_ACT_GROUP_SIZE = 64
 """``--act-group-size`` for ``--activation-bits 4`` (``DBLLMConfig.activation_group_size`` itself
 defaults to 0, per token, so that stored configs keep their meaning). Measured 2026-11-24 on CPU,
 SmolLM2-135M with full-precision weights and fake 4-bit activations on every linear, WikiText-2,
-8 windows of 512 tokens: perplexity 7,947 per token, 76.6 with groups of 64, 49.5 with groups of
-32 (full precision 30.1)."""
+40 windows of 512 tokens (``benchmarks/a4_granularity.py``, docs/results.md 4.3): perplexity
+6,910 per token, 76.2 with groups of 64, 48.3 with groups of 32 (full precision 28.74). On the H100
+with the same distilled weights, the W(1+1)A4 pipeline ended at 412 with G=64 against 8,058 per
+token."""
 
 BUDGETS: dict[str, dict[str, int]] = {
     # 2 CPU cores, SmolLM2-135M (measured 2026-11-23): 21 s of data, 202 s block-wise, 98 s end to end.

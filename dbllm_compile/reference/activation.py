@@ -154,11 +154,6 @@ def _scale(m: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def _scale_shape(s: torch.Tensor) -> torch.Tensor:
-    """Grouped scales ``[..., n, 1]`` -> the stored ``[..., n]`` (``[..., 1]`` per token)."""
-    return s.squeeze(-1)
-
-
 def quantize_activation_int(
     x: torch.Tensor, clip_ratio: torch.Tensor, group_size: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +177,7 @@ def quantize_activation_int(
     xg = _grouped(x, group_size)
     s = _scale(_group_max(xg), clip_ratio.reshape(()))
     q = torch.clamp(torch.round(xg / s), -ACT_QMAX, ACT_QMAX)
-    return q.to(torch.int8).reshape(x.shape), _scale_shape(s)
+    return q.to(torch.int8).reshape(x.shape), s.squeeze(-1)  # scales [..., n] ([..., 1] per token)
 
 
 def dequantize_activation(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
