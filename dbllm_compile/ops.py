@@ -38,6 +38,14 @@
     saved graphs from before it existed keep their two arguments; read it with
     :func:`op_arguments`.
 
+``torch.ops.dbllm.hadamard(x, block_size)``
+    The block-diagonal orthonormal Hadamard rotation of the last dimension of ``x``
+    (:func:`dbllm_compile.reference.rotation.rotate`); the input of rotated linears
+    (``DBLLMConfig.rotation_block``), whose weights hold ``W @ Q``. Linear and self-inverse: the
+    backward is the same rotation of ``dL/dy``. One node per rotated activation, shared by
+    sibling linears and placed before their ``act_quant`` (4-bit activations are quantized in
+    the rotated basis).
+
     Why separate ops instead of an activation-mode argument on the linears: linears that read the
     same tensor (q/k/v, gate/up) must share *one* quantized activation and *one* clip factor. A
     separate node placed once before the siblings expresses exactly that in the graph (the pass
@@ -65,6 +73,7 @@ from dbllm_compile.reference.activation import (
     straight_through_mask,
 )
 from dbllm_compile.reference.dual_binary import num_groups
+from dbllm_compile.reference.rotation import rotate
 from dbllm_compile.reference.linear import (
     db_linear_packed_reference,
     db_linear_train_reference,
@@ -76,10 +85,12 @@ __all__ = [
     "act_quant_train",
     "db_linear",
     "db_linear_train",
+    "hadamard",
     "op_arguments",
     "ACT_QUANT_OP",
     "ACT_QUANT_TRAIN_OP",
     "DEPLOY_OP",
+    "HADAMARD_OP",
     "TRAIN_OP",
 ]
 
@@ -314,6 +325,44 @@ def _act_deploy_backward(ctx: Any, grad_y: torch.Tensor):
 act_quant.register_autograd(_act_deploy_backward, setup_context=_act_deploy_setup_context)
 
 
+def _check_hadamard_args(x: torch.Tensor, block_size: int) -> None:
+    torch._check_value(
+        block_size >= 2 and block_size & (block_size - 1) == 0,
+        lambda: f"hadamard: block_size must be a power of two >= 2, got {block_size}",
+    )
+    torch._check(x.dtype.is_floating_point, lambda: f"hadamard: x must be a float tensor, got {x.dtype}")
+    k = x.shape[-1]
+    torch._check_value(
+        k % block_size == 0,
+        lambda: f"hadamard: the feature dimension K={k} of x (shape {tuple(x.shape)}) is not divisible by "
+        f"block_size={block_size}",
+    )
+
+
+@torch.library.custom_op("dbllm::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block-diagonal Hadamard rotation of the last dimension (see the module docstring)."""
+    _check_hadamard_args(x, block_size)
+    return rotate(x, block_size)
+
+
+@hadamard.register_fake
+def _hadamard_fake(x, block_size):
+    _check_hadamard_args(x, block_size)
+    return torch.empty_like(x)
+
+
+def _hadamard_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.block_size = inputs[1]
+
+
+def _hadamard_backward(ctx: Any, grad_y: torch.Tensor):
+    return hadamard(grad_y, ctx.block_size), None  # symmetric orthonormal: Q.T == Q
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup_context)
+
+
 def op_arguments(node: fx.Node) -> dict[str, Any]:
     """The arguments of a call to one of the ops above, by schema name (defaults filled in).
 
@@ -339,3 +388,4 @@ TRAIN_OP = torch.ops.dbllm.db_linear_train.default
 DEPLOY_OP = torch.ops.dbllm.db_linear.default
 ACT_QUANT_TRAIN_OP = torch.ops.dbllm.act_quant_train.default
 ACT_QUANT_OP = torch.ops.dbllm.act_quant.default
+HADAMARD_OP = torch.ops.dbllm.hadamard.default

@@ -37,7 +37,14 @@ from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP
 from dbllm_compile.passes.graph_analysis import _through_views
 from dbllm_compile.reference.activation import DEFAULT_CLIP_RATIO, clip_logit_from_ratio
 
-__all__ = ["ActivationQuantizer", "check_activation_group_size", "insert_activation_quant"]
+__all__ = [
+    "ActivationQuantizer",
+    "check_activation_group_size",
+    "insert_activation_quant",
+    "insert_after",
+    "quantized_inputs",
+    "rewire",
+]
 
 
 @dataclass
@@ -83,24 +90,34 @@ def _register_clip(gm: fx.GraphModule, target: str, device: torch.device) -> Non
     owner.register_parameter(attr, torch.nn.Parameter(theta))
 
 
-def _insert_quantizer(gm: fx.GraphModule, source: fx.Node, clip_target: str, group_size: int) -> fx.Node:
+def insert_after(gm: fx.GraphModule, source: fx.Node, make) -> fx.Node:
+    """Insert the node ``make()`` builds right after ``source`` (after the last placeholder when
+    ``source`` is one), with ``source``'s value and module-stack meta (shape- and dtype-preserving
+    ops only: activation quantizers, rotations)."""
     anchor = source
     if source.op == "placeholder":  # keep all placeholders first
         anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(anchor):
-        clip_node = gm.graph.get_attr(clip_target)
-    with gm.graph.inserting_after(clip_node):
-        args = (source, clip_node) if group_size == 0 else (source, clip_node, group_size)
-        q = gm.graph.call_function(ACT_QUANT_TRAIN_OP, args)
+        new = make()
     if "val" in source.meta:
-        q.meta["val"] = source.meta["val"]
+        new.meta["val"] = source.meta["val"]
     for key in ("nn_module_stack", "stack_trace"):
         if key in source.meta:
-            q.meta[key] = source.meta[key]
-    return q
+            new.meta[key] = source.meta[key]
+    return new
 
 
-def _rewire(gm: fx.GraphModule, linear: fx.Node, root: fx.Node, quantized: fx.Node) -> None:
+def _insert_quantizer(gm: fx.GraphModule, source: fx.Node, clip_target: str, group_size: int) -> fx.Node:
+    def make() -> fx.Node:
+        clip_node = gm.graph.get_attr(clip_target)
+        with gm.graph.inserting_after(clip_node):
+            args = (source, clip_node) if group_size == 0 else (source, clip_node, group_size)
+            return gm.graph.call_function(ACT_QUANT_TRAIN_OP, args)
+
+    return insert_after(gm, source, make)
+
+
+def rewire(gm: fx.GraphModule, linear: fx.Node, root: fx.Node, quantized: fx.Node) -> None:
     """Make ``linear`` read ``quantized`` in place of ``root`` (copying its view chain)."""
     x = linear.args[0]
     env = {root: quantized}
@@ -116,7 +133,7 @@ def _rewire(gm: fx.GraphModule, linear: fx.Node, root: fx.Node, quantized: fx.No
         x = parent
 
 
-def _quantized_inputs(gm: fx.GraphModule) -> dict[fx.Node, tuple[list[fx.Node], int]]:
+def quantized_inputs(gm: fx.GraphModule) -> dict[fx.Node, tuple[list[fx.Node], int]]:
     """``{root: (readers, K)}``: the activations to quantize, their linears and feature dimension."""
     groups: dict[fx.Node, tuple[list[fx.Node], int]] = {}
     for node in gm.graph.nodes:
@@ -139,7 +156,7 @@ def check_activation_group_size(gm: fx.GraphModule, group_size: int) -> None:
         raise ConfigError(f"activation group size must be an int >= 0 (0 = one scale per token), got {group_size!r}")
     if group_size == 0:
         return
-    bad = [(readers, k) for readers, k in _quantized_inputs(gm).values() if k % group_size]
+    bad = [(readers, k) for readers, k in quantized_inputs(gm).values() if k % group_size]
     if bad:
         readers, k = bad[0]
         layers = ", ".join(n.args[1].target.removesuffix(".weight") for n in readers)
@@ -172,14 +189,14 @@ def insert_activation_quant(gm: fx.GraphModule, group_size: int = 0) -> list[Act
     """
     check_activation_group_size(gm, group_size)
     quantizers = []
-    for root, (readers, k) in _quantized_inputs(gm).items():
+    for root, (readers, k) in quantized_inputs(gm).items():
         first_weight = readers[0].args[1].target
         clip_target = f"{first_weight}_act_clip"
         device = gm.get_parameter(first_weight).device
         _register_clip(gm, clip_target, device)
         quantized = _insert_quantizer(gm, root, clip_target, group_size)
         for linear in readers:
-            _rewire(gm, linear, root, quantized)
+            rewire(gm, linear, root, quantized)
         quantizers.append(
             ActivationQuantizer(quantized.name, clip_target, root.name, [n.args[1].target for n in readers],
                                 group_size=group_size, in_features=k)

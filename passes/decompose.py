@@ -16,6 +16,10 @@ bit-identical to the op on CPU:
 
 The packed planes stay 2 bits per weight in the program; the dense weight exists only inside
 the computation.
+
+``dbllm.hadamard(x, B)`` (rotated models, ``rotation_block``) decomposes into a reshape and a
+float32 matmul with ``H_B``, built in the graph from ``arange`` and bit operations (no constant
+tensor), the same float32 product as the op's reference.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import torch
 from torch.export import ExportedProgram
 
 from dbllm_compile.errors import GraphPassError
-from dbllm_compile.ops import DEPLOY_OP
+from dbllm_compile.ops import DEPLOY_OP, HADAMARD_OP
 from dbllm_compile.reference.dual_binary import num_groups
 
-__all__ = ["DUAL_BINARY_DECOMPOSITIONS", "db_linear_decomposed", "decompose_dual_binary"]
+__all__ = ["DUAL_BINARY_DECOMPOSITIONS", "db_linear_decomposed", "decompose_dual_binary", "hadamard_decomposed"]
 
 def db_linear_decomposed(
     x: torch.Tensor,
@@ -55,7 +59,21 @@ def db_linear_decomposed(
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-DUAL_BINARY_DECOMPOSITIONS = {DEPLOY_OP: db_linear_decomposed}
+def hadamard_decomposed(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``dbllm.hadamard`` in plain ATen ops: ``H[i, j] = (-1)^popcount(i & j) / sqrt(B)``."""
+    i = torch.arange(block_size, dtype=torch.int32, device=x.device)
+    both = torch.bitwise_and(i.unsqueeze(1), i.unsqueeze(0))
+    parity = torch.zeros_like(both)
+    for bit in range(max(block_size - 1, 1).bit_length()):
+        parity = torch.bitwise_xor(parity, torch.bitwise_and(torch.bitwise_right_shift(both, bit), 1))
+    acc = torch.promote_types(x.dtype, torch.float32)
+    h = ((1.0 - 2.0 * parity.to(torch.float64)) / float(block_size) ** 0.5).to(acc)
+    k = x.shape[-1]
+    y = x.to(acc).reshape(*x.shape[:-1], k // block_size, block_size) @ h
+    return y.reshape(x.shape).to(x.dtype)
+
+
+DUAL_BINARY_DECOMPOSITIONS = {DEPLOY_OP: db_linear_decomposed, HADAMARD_OP: hadamard_decomposed}
 """Decomposition table: ``dbllm.db_linear`` -> ATen (for ``ExportedProgram.run_decompositions``)."""
 
 

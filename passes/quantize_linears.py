@@ -12,6 +12,9 @@ For every selected layer (a weight parameter and all linear sites that use it):
   :func:`dbllm_compile.reference.sign_codebook.init_sign_scales` instead;
 - each site becomes ``dbllm.db_linear_train(x, weight, a1, a2, bias, G, scale_dtype)``, with
   ``c`` appended as the last argument for the sign codebook;
+- with ``rotation_block=B``, the latent weight is ``W @ Q`` (block-diagonal Hadamard, rotated
+  before the initialisation) and one ``dbllm.hadamard`` per distinct input is inserted before
+  the linears, see :mod:`dbllm_compile.passes.rotation`;
 - with ``activation_bits=4``, one ``dbllm.act_quant_train`` per distinct input is inserted
   before the linears (shared by siblings such as q/k/v), see
   :mod:`dbllm_compile.passes.activation_quant`.
@@ -35,6 +38,7 @@ from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.errors import ConfigError
 from dbllm_compile.ops import TRAIN_OP
 from dbllm_compile.reference.dual_binary import check_weight, init_scales, padded_in_features
+from dbllm_compile.reference.rotation import rotate_weight
 from dbllm_compile.reference.sign_codebook import init_sign_scales
 from dbllm_compile.passes.graph_analysis import (
     Block,
@@ -79,6 +83,7 @@ class PassReport:
     sibling_groups: list[list[str]] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     activation_quantizers: list[Any] = field(default_factory=list)
+    rotations: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -89,6 +94,8 @@ class PassReport:
             f"product(s) left alone; {len(self.blocks)} block(s); "
             f"{len(self.sibling_groups)} group(s) of linears sharing an input"
         ]
+        if self.rotations:
+            lines.append(f"  {len(self.rotations)} Hadamard input rotation(s) of block {self.rotations[0].block}")
         if self.activation_quantizers:
             shared = sum(len(q.layers) > 1 for q in self.activation_quantizers)
             lines.append(
@@ -113,6 +120,7 @@ class PassReport:
             "sibling_groups": self.sibling_groups,
             "blocks": [vars(b) for b in self.blocks],
             "activation_quantizers": [vars(q) for q in self.activation_quantizers],
+            "rotations": [vars(r) for r in self.rotations],
             "notes": self.notes,
         }
 
@@ -293,6 +301,10 @@ def quantize_linears(
                 f"activation group size that divides every quantized layer's in_features, or 0 for one "
                 f"scale per token"
             )
+    if config.rotation_block:
+        from dbllm_compile.passes.rotation import check_rotation_fits
+
+        check_rotation_fits([(g[0].name, g[0].in_features) for _, g in selected], config.rotation_block)
     iterator: Iterable = selected
     if progress is not None:
         iterator = progress(selected)
@@ -301,6 +313,8 @@ def quantize_linears(
         site = group[0]
         weight = get_attr_value(gm, target).detach()
         latent = (weight if site.layout == "nk" else weight.t()).contiguous().clone()
+        if config.rotation_block and not structure_only:
+            latent = rotate_weight(latent, config.rotation_block)
         with_offset = config.codebook == "sign"
         if structure_only:
             init: Any = _placeholder_init(latent, G, with_offset)
@@ -345,6 +359,10 @@ def quantize_linears(
                 mirrored_fraction=mirrored,
             )
         )
+    if config.rotation_block:
+        from dbllm_compile.passes.rotation import insert_input_rotation
+
+        report.rotations = insert_input_rotation(gm, config.rotation_block)
     if config.activation_bits == 4:
         from dbllm_compile.passes.activation_quant import insert_activation_quant
 

@@ -31,7 +31,7 @@ class CompileOptions:
 
     Args:
         group_size, include, exclude, keep_head, init, init_grid_points, init_refine_iters,
-            scale_dtype, codebook: as in :class:`dbllm_compile.DBLLMConfig`, for the linears the backend
+            scale_dtype, codebook, rotation_block: as in :class:`dbllm_compile.DBLLMConfig`, for the linears the backend
             quantizes on the fly. ``init`` defaults to ``"mse"`` (per-group error minimisation);
             ``"maxabs"`` is much faster to compute but about 500x worse in perplexity on
             SmolLM2-135M: use it for speed measurements only.
@@ -85,6 +85,7 @@ class CompileOptions:
     init_refine_iters: int = 0
     scale_dtype: str = "float16"
     codebook: str = "binary"
+    rotation_block: int = 0
     activations: str = "a16"
     quantize: str = "auto"
     artifact: str | None = None
@@ -174,4 +175,5 @@ class CompileOptions:
             init_refine_iters=self.init_refine_iters,
             scale_dtype=self.scale_dtype,
             codebook=self.codebook,  # type: ignore[arg-type]
+            rotation_block=self.rotation_block,
         )

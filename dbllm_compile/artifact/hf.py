@@ -239,8 +239,16 @@ def to_hf(deployed: DBLLMModel, model: torch.nn.Module | None = None) -> torch.n
     else:
         model = copy.deepcopy(model)
     gm = deployed.graph_module
-    from dbllm_compile.ops import ACT_QUANT_OP
+    from dbllm_compile.ops import ACT_QUANT_OP, HADAMARD_OP
 
+    rot = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target == HADAMARD_OP]
+    if rot:
+        raise ArtifactError(
+            f"to_hf(): the model rotates the inputs of its dual-binary layers ({len(rot)} dbllm.hadamard "
+            f"node(s), e.g. {rot[0]!r}; rotation_block={deployed.config.rotation_block}), which the Hugging Face "
+            f"DBLinear layer does not carry yet; export it with save_deployed() / the .pt2 format instead, or "
+            f"quantize with rotation_block=0"
+        )
     act = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target == ACT_QUANT_OP]
     if act:
         raise ArtifactError(

@@ -48,6 +48,11 @@ class DistillConfig:
         loss: the end-to-end loss (:class:`~dbllm_compile.distill.losses.LossSpec`).
         block_steps: optimizer steps per block in the block-wise stage (0 skips it).
         block_batch_size: sequences per block-wise step.
+        block_sequences: the block-wise stage trains on the first ``block_sequences`` calibration
+            sequences only (0, the default: all of them). The teacher's values at every block
+            boundary are kept for all the sequences it uses (``block_offload``), so a large
+            end-to-end data set needs a cap here (the estimate is logged as ``teacher_bytes`` in
+            ``metrics.jsonl``).
         block_lr: peak learning rate of the scales in the block-wise stage.
         block_loss: ``"global"`` (default): ``||y_q - y||^2 / ||y||^2`` over the whole batch, which
             a few tokens with massive activations dominate; ``"token"``: the mean over tokens of
@@ -86,6 +91,7 @@ class DistillConfig:
     loss: LossSpec = field(default_factory=LossSpec)
     block_steps: int = 40
     block_batch_size: int = 4
+    block_sequences: int = 0
     block_lr: float = 5e-4
     block_loss: str = "global"
     block_latent_lr: float = 5e-5
@@ -96,7 +102,7 @@ class DistillConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "block_steps"):
+        for name in ("steps", "block_steps", "block_sequences"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"DistillConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name in ("batch_size", "block_batch_size", "checkpoint_every"):
@@ -200,6 +206,33 @@ def _optimizer(scales: dict, latents: dict, lr: float, latent_lr: float, clips: 
 
 def _param_state(student: DBLLMModel, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: _attr(student.graph_module, n).detach().cpu().clone() for n in names}
+
+
+_WEIGHT_KEYS = ("group_size", "codebook", "rotation_block", "scale_dtype")
+"""Config fields that give the stored weights their meaning: a checkpoint written under other
+values holds tensors of the same names (and often shapes) that mean something else."""
+
+
+def _weights_config(student: DBLLMModel) -> dict[str, Any]:
+    cfg = student.config.to_dict()
+    return {k: cfg[k] for k in _WEIGHT_KEYS}
+
+
+def _load_state(checkpoint: Any, student: DBLLMModel) -> dict[str, Any] | None:
+    """The checkpoint's state (``None`` when there is none), refused when it was written for a
+    student whose weights mean something else (e.g. a Hadamard-rotated run resumed without the
+    rotation). Checkpoints from before the key existed are taken as they are."""
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and "weights_config" in state:
+        mine = _weights_config(student)
+        diff = {k: (state["weights_config"].get(k), mine[k]) for k in mine if state["weights_config"].get(k) != mine[k]}
+        if diff:
+            raise DBLLMError(
+                f"checkpoint {str(checkpoint)!r} was written for a student with "
+                f"{ {k: a for k, (a, _) in diff.items()} }, this one has { {k: b for k, (_, b) in diff.items()} }: "
+                f"quantize with the same settings to resume it, or use a new output directory"
+            )
+    return state
 
 
 def _load_params(student: DBLLMModel, params: dict[str, torch.Tensor]) -> None:
@@ -381,7 +414,7 @@ def train_blocks(
         return []
     gm = student.graph_module
     device = _device_of(student)
-    state = load_checkpoint(checkpoint) if checkpoint else None
+    state = _load_state(checkpoint, student)
     if state is not None and state.get("stage") != "blocks":
         return list(state.get("block_records", []))  # a later stage's checkpoint: this stage is done
     done = int(state["next_block"]) if state else 0
@@ -389,6 +422,8 @@ def train_blocks(
 
     block_loss = {"global": _rel_mse, "token": _token_rel_mse, "channel": _channel_rel_mse}[cfg.block_loss]  # looked up per call
     bs = cfg.block_batch_size
+    if cfg.block_sequences:
+        data = data[: cfg.block_sequences]
     batches = [data[i : i + bs].to(device) for i in range(0, data.shape[0], bs)]
     boundary = sorted({n for b in blocks for n in (*b.inputs, *b.outputs)})
     last_use = _last_use(blocks)
@@ -458,7 +493,8 @@ def train_blocks(
             if checkpoint:
                 names = [*scales_all, *latents_all]
                 save_checkpoint(checkpoint, {"stage": "blocks", "next_block": index + 1, "records": records,
-                                             "params": _param_state(student, names)})
+                                             "params": _param_state(student, names),
+                                             "weights_config": _weights_config(student)})
         # trained or (on resume) replayed: push the outputs that later blocks read into the quantized
         # path, then free every value of this batch that no later block reads
         wanted = [k for k, name in enumerate(block.outputs) if last_use[name] > index]
@@ -519,7 +555,7 @@ def train_end_to_end(
     opt = _optimizer(scales, latents, cfg.lr, cfg.latent_lr, clips, cfg.activation_lr)
     losses: list[float] = []
     step0 = 0
-    state = load_checkpoint(checkpoint) if checkpoint else None
+    state = _load_state(checkpoint, student)
     if state is not None and state.get("stage") == "e2e":
         _load_params(student, state["params"])
         opt.load_state_dict(state["optimizer"])
@@ -561,7 +597,7 @@ def train_end_to_end(
         if checkpoint and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(checkpoint, {"stage": "e2e", "step": step + 1, "losses": losses,
                                          "params": _param_state(student, names), "optimizer": opt.state_dict(),
-                                         **(extra_state or {})})
+                                         "weights_config": _weights_config(student), **(extra_state or {})})
     bar.close()
     for p in gm.parameters():
         p.requires_grad_(True)

@@ -17,6 +17,7 @@ from dbllm_compile.reference.dual_binary import (
 )
 from dbllm_compile.reference.linear import db_linear_packed_reference, db_linear_train_reference
 from dbllm_compile.reference.packing import pack_bits, pack_planes, unpack_bits, unpack_planes
+from dbllm_compile.reference.rotation import hadamard_matrix, rotate, rotate_weight
 from dbllm_compile.reference.sign_codebook import SignInitResult, init_sign_scales
 
 __all__ = [
@@ -29,12 +30,15 @@ __all__ = [
     "dequantize_bits",
     "fake_quantize_weight",
     "group_levels",
+    "hadamard_matrix",
     "init_scales",
     "init_sign_scales",
     "num_groups",
     "pack_bits",
     "pack_planes",
     "padded_in_features",
+    "rotate",
+    "rotate_weight",
     "unpack_bits",
     "unpack_planes",
 ]
