@@ -164,3 +164,23 @@ def test_a_checkpoint_of_an_unrotated_run_is_refused(tiny_llama, tmp_path):
     distill(plain, tiny_llama, data, cfg, out_dir=tmp_path, progress=False, plots=False)
     with pytest.raises(DBLLMError, match="rotation_block.*same settings"):
         distill(_rotated_llama(tiny_llama), tiny_llama, data, cfg, out_dir=tmp_path, progress=False, plots=False)
+
+
+def test_compiled_rotated_training_step_matches_eager_with_the_rotation_decomposed(tiny_llama):
+    from dbllm_compile.backends.dynamo import reset_stats, stats
+
+    ids = _ids(2, 16, seed=4)
+    student = _rotated_llama(tiny_llama, init="maxabs")
+    scales = list(student.scale_parameters())
+    eager_loss = student(ids).logits.square().mean()
+    eager_grads = torch.autograd.grad(eager_loss, scales)
+    torch._dynamo.reset()
+    reset_stats()
+    compiled = torch.compile(student, backend="dbllm", fullgraph=True, options={"decompose_train": True})
+    loss = compiled(ids).logits.square().mean()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-7)
+    loss.backward()
+    for s, g in zip(scales, eager_grads):
+        torch.testing.assert_close(s.grad, g, rtol=1e-3, atol=1e-6)
+    assert stats().ops_lowered == {"db_linear_train:decomposed": 14, "hadamard:decomposed": 8}
+    torch._dynamo.reset()

@@ -12,6 +12,9 @@ weight (on-the-fly mode, :func:`quantize_graph`) in the GPU layout) or ``dbllm::
 ``dbllm::db_linear_train`` (from ``quantize()``) :func:`db_linear_train_decomposed` (plain torch
                                                ops, straight-through estimators) so Inductor
                                                fuses it; unchanged with ``decompose_train=False``
+``dbllm::hadamard`` (``rotation_block > 0``)    :func:`~dbllm_compile.passes.decompose.hadamard_decomposed`
+                                               (reshape + float32 matmul with ``H_B``), always:
+                                               Inductor fuses it with its neighbours
 =============================================  ==============================================
 
 Sign codebook (``options["codebook"] = "sign"``, or an op carrying the offset ``c``): the layer
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from dbllm_compile.errors import GraphPassError
-from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP, op_arguments
+from dbllm_compile.ops import DEPLOY_OP, HADAMARD_OP, TRAIN_OP, op_arguments
 from dbllm_compile.passes.dynamo_graph import normalize_dynamo_graph, restore_parameter_inputs
 from dbllm_compile.passes.linear_match import get_attr_value
 from dbllm_compile.passes.quantize_linears import replace_node, select_linears
@@ -201,6 +204,11 @@ def lower_dbllm_ops(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
             continue
         if gpu_op is not None and node.target == gpu_op.default:
             record.lowered["db_linear_gpu"] += 1
+        elif node.target == HADAMARD_OP:
+            from dbllm_compile.passes.decompose import hadamard_decomposed
+
+            node.target = hadamard_decomposed
+            record.lowered["hadamard:decomposed"] += 1
         elif node.target == TRAIN_OP:
             weight = values.get(node.args[1]) if isinstance(node.args[1], fx.Node) else None
             on_cuda = isinstance(weight, torch.Tensor) and weight.device.type == "cuda"
