@@ -126,3 +126,51 @@ def test_bench_compares_with_the_baseline(tiny_hf_dir, capsys):
     for name in ("baseline", "dbllm"):
         assert out[name]["decode_tokens_per_s"] > 0 and out[name]["prefill_tokens_per_s"] > 0
     assert out["dbllm"]["backend_stats"]["linears_rewritten"] == 28
+
+
+def test_rotation_block_reaches_the_config(tiny_hf_dir, tmp_path, capsys):
+    rc = main(["quantize", "--model", "no-such-model", "--rotation-block", "48"])
+    assert rc == 2  # checked by DBLLMConfig before the model is loaded
+    err = capsys.readouterr().err
+    assert "rotation_block must be 0" in err and "or a power of two" in err and "48" in err
+    directory, _, _ = tiny_hf_dir
+    out = tmp_path / "o"
+    rc = main(["quantize", "--model", str(directory), "--no-default-text", "--out", str(out), "--json",
+               "--no-distill", "--rotation-block", "32"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert json.loads(stdout[stdout.index("{\n"):])["config"]["rotation_block"] == 32
+    assert json.loads((out / "dbllm.json").read_text())["config"]["rotation_block"] == 32  # default 0
+
+
+def test_block_sequences_and_gen_batch_size_reach_the_pipeline(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    import dbllm_compile.distill.calibration as calibration
+    import dbllm_compile.distill.train as train
+
+    specs, teacher_rows = [], []
+    generate = calibration.generate_calibration
+
+    def recording_generate(model, spec, **kwargs):
+        specs.append(spec)
+        return generate(model, spec, **{**kwargs, "cache": False})  # really generate, in batches of spec's
+
+    capture = train.capture
+
+    def recording_capture(gm, args, *rest, **kwargs):
+        if kwargs.get("dense"):  # the block-wise stage's teacher pass, one call per block-wise batch
+            teacher_rows.append(args[0].shape[0])
+        return capture(gm, args, *rest, **kwargs)
+
+    monkeypatch.setattr(calibration, "generate_calibration", recording_generate)
+    monkeypatch.setattr(train, "capture", recording_capture)
+    directory, _, _ = tiny_hf_dir
+    rc = main(["quantize", "--model", str(directory), "--no-default-text", "--out", str(tmp_path / "o"), "--json",
+               "--steps", "1", "--block-steps", "1", "--tokens", "256", "--calib-seq-len", "32",
+               "--batch-size", "2", "--gen-batch-size", "3", "--block-sequences", "4"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    results = json.loads(stdout[stdout.index("{\n"):])
+    assert [(s.num_sequences, s.batch_size) for s in specs] == [(8, 3)]  # default: min(8, 64) on CPU
+    assert results["calibration"]["tokens"] == 256  # all 8 sequences for the end-to-end stage
+    assert results["distill"]["config"]["block_sequences"] == 4
+    assert teacher_rows == [2, 2]  # the first 4 of 8 sequences, in block-wise batches of 2
