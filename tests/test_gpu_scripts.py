@@ -33,3 +33,11 @@ def test_gpu_scripts_show_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.sh")))
+def test_gpu_shell_scripts_parse(script):
+    import subprocess
+
+    proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

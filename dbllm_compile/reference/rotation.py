@@ -61,12 +61,18 @@ def _hadamard_cpu(block: int) -> torch.Tensor:
     return (h / block**0.5).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _hadamard_on(block: int, device: torch.device) -> torch.Tensor:
+    return _hadamard_cpu(block).to(device)
+
+
 def hadamard_matrix(block: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The orthonormal Sylvester-Hadamard matrix ``H_B`` (float32 ``[B, B]``, symmetric)."""
+    """The orthonormal Sylvester-Hadamard matrix ``H_B`` (float32 ``[B, B]``, symmetric; cached per
+    device, so the eager op does not copy it to the GPU on every call). Do not modify it in place."""
     check_rotation_block(block)
     if block == 0:
         raise ConfigError("hadamard_matrix: block 0 means 'no rotation' and has no matrix")
-    return _hadamard_cpu(block).to(device)
+    return _hadamard_on(block, torch.device(device if device is not None else "cpu"))
 
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
