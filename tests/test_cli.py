@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from dbllm_compile.artifact.format import ARTIFACT_VERSION
 from dbllm_compile.cli import main
@@ -174,3 +176,18 @@ def test_block_sequences_and_gen_batch_size_reach_the_pipeline(tiny_hf_dir, tmp_
     assert results["calibration"]["tokens"] == 256  # all 8 sequences for the end-to-end stage
     assert results["distill"]["config"]["block_sequences"] == 4
     assert teacher_rows == [2, 2]  # the first 4 of 8 sequences, in block-wise batches of 2
+
+
+def test_default_rotation_block_fits_the_model_and_is_off_without_distillation():
+    from rich.console import Console
+
+    from dbllm_compile.cli.quantize import DEFAULT_ROTATION_BLOCK, _fit_rotation_block
+    from dbllm_compile.config import DBLLMConfig
+
+    quiet = Console(file=open(os.devnull, "w"))
+    cfg = DBLLMConfig(rotation_block=DEFAULT_ROTATION_BLOCK)
+    fits = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 8))
+    assert _fit_rotation_block(cfg, fits, quiet).rotation_block == 32  # gcd(128, 96) = 32
+    odd = torch.nn.Sequential(torch.nn.Linear(100, 8))
+    assert _fit_rotation_block(cfg, odd, quiet).rotation_block == 0  # 100 = 4 * 25: below 8, none
+    assert _fit_rotation_block(cfg, torch.nn.Linear(576, 8), quiet).rotation_block == 64

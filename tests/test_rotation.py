@@ -6,7 +6,7 @@ import torch
 import dbllm_compile as dc
 from dbllm_compile.config import DBLLMConfig
 from dbllm_compile.distill.blocks import capture
-from dbllm_compile.errors import ArtifactError, ConfigError, DBLLMError
+from dbllm_compile.errors import ConfigError, DBLLMError
 from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, HADAMARD_OP, TRAIN_OP
 from dbllm_compile.passes.graph_analysis import _through_views
 from dbllm_compile.reference.rotation import hadamard_matrix, rotate, rotate_weight
@@ -147,12 +147,23 @@ def test_decomposition_and_pt2_round_trip_are_exact(mlp, tmp_path):
     assert torch.equal(loaded(x), deployed(x))
 
 
-def test_to_hf_refuses_a_rotated_model(tiny_llama):
-    from dbllm_compile.artifact.hf import to_hf
+def test_hugging_face_export_carries_the_rotation(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
 
+    from dbllm_compile.artifact.hf import DBLinear, to_hf
+
+    ids = _ids(2, 16, seed=5)
     deployed = dc.convert(_rotated_llama(tiny_llama), progress=False)
-    with pytest.raises(ArtifactError, match="rotates the inputs .*rotation_block=64"):
-        to_hf(deployed, tiny_llama)
+    hf = to_hf(deployed, tiny_llama)
+    assert all(m.rotation_block == 64 for m in hf.modules() if isinstance(m, DBLinear))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, deployed(ids).logits, rtol=1e-5, atol=1e-5)
+    hf.save_pretrained(str(tmp_path))
+    qc = hf.config.quantization_config
+    assert qc.format_version == 3 and qc.layers["model.layers.0.mlp.up_proj"]["rotation_block"] == 64
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, hf(ids).logits)
 
 
 def test_a_checkpoint_of_an_unrotated_run_is_refused(tiny_llama, tmp_path):

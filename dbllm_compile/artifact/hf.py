@@ -37,7 +37,7 @@ from dbllm_compile.reference.dual_binary import num_groups, padded_in_features
 __all__ = ["QUANT_METHOD", "HF_FORMAT_VERSION", "DBLinear", "DBLLMHfConfig", "DBLLMHfQuantizer", "register", "to_hf"]
 
 QUANT_METHOD = "dbllm"
-HF_FORMAT_VERSION = 2
+HF_FORMAT_VERSION = 3
 
 
 class DBLinear(torch.nn.Module):
@@ -47,14 +47,18 @@ class DBLinear(torch.nn.Module):
     :mod:`dbllm_compile.reference.packing`), ``a1`` / ``a2`` ``[N, ceil(K/G)]`` in the scale
     dtype, and with ``offset=True`` (sign codebook) ``c``, same shape and dtype; ``bias`` ``[N]``
     (a parameter) or None. ``forward`` calls ``torch.ops.dbllm.db_linear``
-    (``x [..., K] -> [..., N]``), so the Triton kernels run on CUDA.
+    (``x [..., K] -> [..., N]``), so the Triton kernels run on CUDA. With ``rotation_block=B > 0``
+    (a model quantized with ``DBLLMConfig.rotation_block``) the input is first rotated by
+    ``torch.ops.dbllm.hadamard(x, B)`` (each layer rotates its own input: siblings that share one
+    rotation in the graph compute it once per layer here, same numbers).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, *, scale_dtype: torch.dtype = torch.float16,
                  bias: bool = True, bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 offset: bool = False):
+                 offset: bool = False, rotation_block: int = 0):
         super().__init__()
         self.in_features = in_features
+        self.rotation_block = rotation_block
         self.out_features = out_features
         self.group_size = group_size
         k_pad = padded_in_features(in_features, group_size)
@@ -72,6 +76,8 @@ class DBLinear(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation_block:
+            x = torch.ops.dbllm.hadamard(x, self.rotation_block)
         if self.c is None:
             return torch.ops.dbllm.db_linear(x, self.packed, self.a1, self.a2, self.bias, self.in_features, self.group_size)
         return torch.ops.dbllm.db_linear(x, self.packed, self.a1, self.a2, self.bias, self.in_features, self.group_size,
@@ -79,7 +85,8 @@ class DBLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"scale_dtype={self.a1.dtype}, bias={self.bias is not None}, offset={self.c is not None}")
+                f"scale_dtype={self.a1.dtype}, bias={self.bias is not None}, offset={self.c is not None}"
+                + (f", rotation_block={self.rotation_block}" if self.rotation_block else ""))
 
 
 def _mixin_base() -> type:
@@ -100,12 +107,15 @@ class DBLLMHfConfig(_mixin_base()):
     Args:
         group_size: input features per scale group.
         scale_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-        layers: ``{module name: {"in_features", "out_features", "bias", "offset"}}`` of the
-            dual-binary layers (``offset``: the layer has the sign codebook's ``c``; absent means no).
+        layers: ``{module name: {"in_features", "out_features", "bias", "offset", "rotation_block"}}``
+            of the dual-binary layers (``offset``: the layer has the sign codebook's ``c``;
+            ``rotation_block``: its input is Hadamard-rotated in blocks of that many features;
+            absent means no).
         dbllm_config: the :class:`~dbllm_compile.DBLLMConfig` as a dict (provenance).
-        format_version: version of this layout: 1 ({0,1} layers only) or 2 (layers may carry
-            ``c``; written by this version). A version-1 reader would drop ``<name>.c`` as an
-            unexpected key and compute without the offset, hence the bump.
+        format_version: version of this layout: 1 ({0,1} layers only), 2 (layers may carry
+            ``c``) or 3 (layers may carry ``rotation_block``; written only when one does, so
+            checkpoints without rotation stay readable by version-2 readers). An older reader
+            would compute without the offset / the rotation, hence the bumps.
     """
 
     def __init__(self, group_size: int = 64, scale_dtype: str = "float16", layers: dict[str, dict[str, Any]] | None = None,
@@ -116,10 +126,10 @@ class DBLLMHfConfig(_mixin_base()):
         self.layers = dict(layers or {})
         self.dbllm_config = dict(dbllm_config or {})
         self.format_version = format_version
-        if format_version not in (1, HF_FORMAT_VERSION):
+        if format_version not in range(1, HF_FORMAT_VERSION + 1):
             raise ArtifactError(
                 f"config.json: quantization_config format_version {format_version!r} is not supported by this "
-                f"dbllm_compile (it reads 1 and {HF_FORMAT_VERSION}); upgrade dbllm_compile"
+                f"dbllm_compile (it reads 1 to {HF_FORMAT_VERSION}); upgrade dbllm_compile"
             )
         for key, value in kwargs.items():
             setattr(self, key, value)
@@ -149,6 +159,7 @@ def replace_with_db_linear(model: torch.nn.Module, config: DBLLMHfConfig, *, dev
             bias_dtype=getattr(torch, bias_dtype) if bias_dtype else (ref.dtype if ref is not None else torch.float32),
             device=device if device is not None else (ref.device if ref is not None else None),
             offset=bool(spec.get("offset", False)),
+            rotation_block=int(spec.get("rotation_block", 0)),
         ))
     return len(config.layers)
 
@@ -239,16 +250,8 @@ def to_hf(deployed: DBLLMModel, model: torch.nn.Module | None = None) -> torch.n
     else:
         model = copy.deepcopy(model)
     gm = deployed.graph_module
-    from dbllm_compile.ops import ACT_QUANT_OP, HADAMARD_OP
+    from dbllm_compile.ops import ACT_QUANT_OP
 
-    rot = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target == HADAMARD_OP]
-    if rot:
-        raise ArtifactError(
-            f"to_hf(): the model rotates the inputs of its dual-binary layers ({len(rot)} dbllm.hadamard "
-            f"node(s), e.g. {rot[0]!r}; rotation_block={deployed.config.rotation_block}), which the Hugging Face "
-            f"DBLinear layer does not carry yet; export it with save_deployed() / the .pt2 format instead, or "
-            f"quantize with rotation_block=0"
-        )
     act = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target == ACT_QUANT_OP]
     if act:
         raise ArtifactError(
@@ -282,7 +285,7 @@ def to_hf(deployed: DBLLMModel, model: torch.nn.Module | None = None) -> torch.n
         a1 = get_attr_value(gm, names["a1"])
         new = DBLinear(layer.in_features, layer.out_features, deployed.config.group_size, scale_dtype=a1.dtype,
                        bias=has_bias, bias_dtype=bias.dtype if bias is not None else torch.float32,
-                       offset="c" in names)
+                       offset="c" in names, rotation_block=deployed.config.rotation_block)
         new.packed = packed.detach().clone()
         new.a1 = a1.detach().clone()
         new.a2 = get_attr_value(gm, names["a2"]).detach().clone()
@@ -294,7 +297,8 @@ def to_hf(deployed: DBLLMModel, model: torch.nn.Module | None = None) -> torch.n
         _set_module(model, module_name, new)
         layers[module_name] = {"in_features": layer.in_features, "out_features": layer.out_features, "bias": has_bias,
                                "bias_dtype": str(bias.dtype).removeprefix("torch.") if bias is not None else None,
-                               "offset": "c" in names}
+                               "offset": "c" in names, **({"rotation_block": deployed.config.rotation_block}
+                                                          if deployed.config.rotation_block else {})}
     # Every other tensor: the deployed graph's value (training may have changed it).
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(model.named_buffers(remove_duplicate=False))
@@ -316,7 +320,7 @@ def to_hf(deployed: DBLLMModel, model: torch.nn.Module | None = None) -> torch.n
             module._buffers[attr] = clones.setdefault(id(value), value.detach().clone())
     model.config.quantization_config = DBLLMHfConfig(
         group_size=deployed.config.group_size, scale_dtype=deployed.config.scale_dtype, layers=layers,
-        dbllm_config=deployed.config.to_dict(),
+        dbllm_config=deployed.config.to_dict(), format_version=3 if deployed.config.rotation_block else 2,
     )
     model.hf_quantizer = DBLLMHfQuantizer(model.config.quantization_config, pre_quantized=True)
     model.is_quantized = True

@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUDGETS", "DEFAULT_ACT_GROUP_SIZE", "add_parser", "run"]
+__all__ = ["BUDGETS", "DEFAULT_ACT_GROUP_SIZE", "DEFAULT_ROTATION_BLOCK", "add_parser", "run"]
+
+DEFAULT_ROTATION_BLOCK = 64
+"""``--rotation-block`` when the job distils (``DBLLMConfig.rotation_block`` itself defaults to 0 so
+that stored configs keep their meaning). Measured 2026-11-24, SmolLM2-135M, WikiText-2 40 x 512:
+H100 ``gpu`` budget W2A16 90.24 without rotation, 77.88 with blocks of 64; W(1+1)A4 (G=64)
+209.2 -> 89.7 (docs/results.md 3.0, 4.4). CPU budget: 2,123 -> 1,004 (results.md 2). The
+post-training initialisation alone gets worse (21,535 -> 76,301 with 2 refinements), hence 0
+with ``--no-distill``."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -25,10 +33,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     q.add_argument("--codebook", choices=["binary", "sign"], default="binary",
                    help="2-bit weight codebook: 'binary' (DB-LLM a1*b1 + a2*b2, default) or 'sign' (LBLLM "
                         "symmetric levels: a1*b1 + a2*b2 + c with a learnable per-group offset c)")
-    q.add_argument("--rotation-block", type=int, default=0, metavar="B",
-                   help="rotate each quantized linear's input by a block-diagonal Hadamard matrix with blocks "
-                        "of B features (weights hold W @ Q; exact in full precision; helps 4-bit activations): "
-                        "0 = none (default), e.g. 64")
+    q.add_argument("--rotation-block", type=int, default=None, metavar="B",
+                   help=f"rotate each quantized linear's input by a block-diagonal Hadamard matrix with blocks "
+                        f"of B features (weights hold W @ Q; exact in full precision); 0 = none. Default "
+                        f"{DEFAULT_ROTATION_BLOCK} when distilling (better after distillation: H100 gpu recipe "
+                        f"90.2 -> 77.9, W(1+1)A4 209 -> 89.7; CPU budget 2,123 -> 1,004), 0 with --no-distill "
+                        f"(worse for the post-training initialisation alone)")
     q.add_argument("--init-refine-iters", type=int, default=None,
                    help="least-squares refinements of the scales after the grid search (default: the config's)")
     q.add_argument("--include", action="append", default=None, metavar="PATTERN",
@@ -149,6 +159,32 @@ def _stage(timings: dict[str, float], name: str, console: Any):
     return _Timer()
 
 
+def _fit_rotation_block(config: Any, model: Any, console: Any) -> Any:
+    """The default rotation block, halved until it divides the input features of every linear
+    module of ``model`` (0 below 8, with a note): a model whose widths are not multiples of 64
+    still runs with the default command line. An explicit ``--rotation-block`` is never changed
+    (a misfit is then the pass's error, naming the layer)."""
+    import dataclasses
+    import math
+
+    import torch
+
+    widths = {int(m.weight.shape[1]) for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2}
+    widths |= {int(m.weight.shape[0]) for m in model.modules()  # GPT-2 style Conv1D: weight [in, out]
+               if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2}
+    common = math.gcd(*widths) if widths else config.rotation_block
+    block = config.rotation_block
+    while block >= 8 and common % block:
+        block //= 2
+    block = block if block >= 8 else 0
+    if block != config.rotation_block:
+        console.print(f"  note: --rotation-block {config.rotation_block} does not divide every linear's input "
+                      f"features (their gcd is {common}); using {block}" + (" (no rotation)" if not block else ""))
+        config = dataclasses.replace(config, rotation_block=block)
+    return config
+
+
 def _resolve_budget(args: argparse.Namespace, device: Any) -> dict[str, int]:
     budget = dict(BUDGETS[args.budget or ("gpu" if device.type == "cuda" else "cpu")])
     for key in budget:
@@ -219,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         init=args.init,
         codebook=args.codebook,
-        rotation_block=args.rotation_block,
+        rotation_block=(args.rotation_block if args.rotation_block is not None
+                        else 0 if args.no_distill else DEFAULT_ROTATION_BLOCK),
         exclude=tuple(args.exclude),
         keep_head=not args.quantize_head,
     )
@@ -267,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
 
     with _stage(timings, "load", console):
         model, tokenizer = load_model(args.model, device=device)
+    if args.rotation_block is None and config.rotation_block:
+        config = _fit_rotation_block(config, model, console)
     example = torch.randint(0, min(1000, model.config.vocab_size), (2, 16), device=device)
     with _stage(timings, "quantize", console):
         qmodel = dc.quantize(model, (example,), config, example_kwargs={"use_cache": False})
