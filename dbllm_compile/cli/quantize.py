@@ -18,7 +18,7 @@ DEFAULT_ROTATION_BLOCK = 64
 """``--rotation-block`` when the job distils (``DBLLMConfig.rotation_block`` itself defaults to 0 so
 that stored configs keep their meaning). Measured 2026-11-24, SmolLM2-135M, WikiText-2 40 x 512:
 H100 ``gpu`` budget W2A16 90.24 without rotation, 77.88 with blocks of 64; W(1+1)A4 (G=64)
-209.2 -> 89.7 (docs/results.md 3.0, 4.4). CPU budget: 2,123 -> 1,004 (results.md 2). The
+209.2 -> 89.7 (docs/results.md 3.0, 4.4). CPU budget: 2,076 -> 1,004 (results.md 2). The
 post-training initialisation alone gets worse (21,535 -> 76,301 with 2 refinements), hence 0
 with ``--no-distill``."""
 
@@ -37,7 +37,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"rotate each quantized linear's input by a block-diagonal Hadamard matrix with blocks "
                         f"of B features (weights hold W @ Q; exact in full precision); 0 = none. Default "
                         f"{DEFAULT_ROTATION_BLOCK} when distilling (better after distillation: H100 gpu recipe "
-                        f"90.2 -> 77.9, W(1+1)A4 209 -> 89.7; CPU budget 2,123 -> 1,004), 0 with --no-distill "
+                        f"90.2 -> 77.9, W(1+1)A4 209 -> 89.7; CPU budget 2,076 -> 1,004), 0 with --no-distill "
                         f"(worse for the post-training initialisation alone)")
     q.add_argument("--init-refine-iters", type=int, default=None,
                    help="least-squares refinements of the scales after the grid search (default: the config's)")
