@@ -128,7 +128,8 @@ BUDGETS: dict[str, dict[str, int]] = {
     # one H100, real SmolLM2-135M, compiled end-to-end step (measured 2026-11-24, docs/results.md
     # section 3): ~16 min uninterrupted (74 s of data, 225 s block-wise, ~240 s compile, ~340 s for
     # 2,000 steps); WikiText-2 perplexity 91.1 (full precision 28.74; 1,000 eager steps: 102.8).
-    # With the default --rotation-block 64 (2026-11-24, results.md 3.0): 77.9, ~1.6x slower.
+    # With the default --rotation-block 64 (2026-11-24, results.md 3.0): 77.9; the longer rotated
+    # budget ran ~1.6x slower than without rotation (not profiled).
     "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 2000, "batch_size": 8,
             "act_steps": 300},
 }
