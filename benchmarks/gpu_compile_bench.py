@@ -48,11 +48,12 @@ def _plot(result: dict, path: Path) -> None:
         if d["baseline"].get("peak_memory_bytes"):
             panels.append(("peak memory (GB)", ["fp16 inductor", "2-bit dbllm"],
                            [d["baseline"]["peak_memory_bytes"] / 1e9, d["dbllm"]["peak_memory_bytes"] / 1e9]))
-    if "distill" in result:
-        d = result["distill"]
-        panels.append(("distillation step (ms)", ["eager", "compiled", "compiled\nopaque op"],
-                       [1e3 * d["eager"]["seconds_per_step"], 1e3 * d["compiled"]["seconds_per_step"],
-                        1e3 * d["compiled_opaque_op"]["seconds_per_step"]]))
+    for block, d in result.get("distill_by_rotation", {}).items():
+        names = [v for v in ("eager", "compiled", "compiled_opaque_op") if v in d]
+        if names:
+            suffix = f", rotation {block}" if block != "0" else ""
+            panels.append((f"distillation step (ms){suffix}", [v.replace("_op", "\nop").replace("_", " ") for v in names],
+                           [1e3 * d[v]["seconds_per_step"] for v in names]))
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
@@ -80,6 +81,13 @@ def main() -> int:
     ap.add_argument("--distill-batch", type=int, default=8)
     ap.add_argument("--distill-seq-len", type=int, default=256)
     ap.add_argument("--distill-steps", type=int, default=10)
+    ap.add_argument("--distill-layers", type=int, default=None, help="override SmolLM2's 30 layers (faster compile)")
+    ap.add_argument("--distill-rotation", default="0",
+                    help="comma-separated rotation blocks to time the step with (e.g. 0,64: without and with "
+                         "Hadamard-rotated linear inputs)")
+    ap.add_argument("--distill-variants", default="eager,compiled,compiled_opaque_op")
+    ap.add_argument("--distill-profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS steps of each variant (top kernels by device time)")
     ap.add_argument("--greedy-tokens", type=int, default=32)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,26 +141,34 @@ def main() -> int:
         save()
     if "distill" in parts:
         t0 = time.perf_counter()
-        model = llama_model("smollm2-135m", device, torch.float32)
+        model = llama_model("smollm2-135m", device, torch.float32, args.distill_layers)
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
-        partial: dict = {}
+        variants = tuple(v for v in args.distill_variants.split(",") if v)
+        result["distill_by_rotation"] = {}
+        for block in (int(b) for b in args.distill_rotation.split(",")):
+            partial: dict = {}
 
-        def progress(name: str, r: dict) -> None:
-            partial[name] = r
-            result["distill_partial"] = partial
-            print(f"distill {name}: {r['seconds_per_step'] * 1e3:.1f} ms/step (first step {r['first_step_s']:.1f} s)", flush=True)
-            save()
+            def progress(name: str, r: dict, block: int = block) -> None:
+                partial[name] = r
+                result["distill_partial"] = {"rotation_block": block, **partial}
+                print(f"distill rotation {block} {name}: {r['seconds_per_step'] * 1e3:.1f} ms/step "
+                      f"(first step {r['first_step_s']:.1f} s)", flush=True)
+                for row in r.get("profile", [])[:15]:
+                    print(f"    {row['us_per_step']:10.1f} us/step {row['calls_per_step']:6.1f}x  {row['name']}", flush=True)
+                save()
 
-        result["distill"] = distill_step_speed(model, batch=args.distill_batch, seq_len=args.distill_seq_len,
-                                               steps=args.distill_steps, on_variant=progress)
+            d = distill_step_speed(model, batch=args.distill_batch, seq_len=args.distill_seq_len,
+                                   steps=args.distill_steps, on_variant=progress, rotation_block=block,
+                                   variants=variants, profile_steps=args.distill_profile)
+            result["distill_by_rotation"][str(block)] = d
+            if block == 0:
+                result["distill"] = d
+            line = ", ".join(f"{v} {d[v]['seconds_per_step'] * 1e3:.1f} ms" for v in variants)
+            print(f"distill step, rotation {block}: {line}; scales changed "
+                  f"{d[variants[-1]]['scales_changed_fraction']:.3f}", flush=True)
         del model
         result["seconds"]["distill"] = time.perf_counter() - t0
-        d = result["distill"]
-        print(f"distill step: eager {d['eager']['seconds_per_step'] * 1e3:.1f} ms, compiled "
-              f"{d['compiled']['seconds_per_step'] * 1e3:.1f} ms ({d['speedup']:.2f}x; opaque op "
-              f"{d['compiled_opaque_op']['seconds_per_step'] * 1e3:.1f} ms, {d['speedup_opaque_op']:.2f}x); scales changed "
-              f"{d['compiled']['scales_changed_fraction']:.3f}", flush=True)
         save()
     save()
     print(f"wrote {path}")

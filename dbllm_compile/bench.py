@@ -86,9 +86,15 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
 
 
 def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, steps: int, init: str = "maxabs",
-                       on_variant: Any = None) -> dict[str, Any]:
+                       on_variant: Any = None, rotation_block: int = 0, variants: tuple[str, ...] | None = None,
+                       profile_steps: int = 0) -> dict[str, Any]:
     """Seconds per distillation step, eager vs compiled; checks that the scales moved.
-    ``on_variant(name, result)`` is called after each variant (progress, partial results)."""
+
+    ``on_variant(name, result)`` is called after each variant (progress, partial results).
+    ``rotation_block``: Hadamard-rotate every quantized linear's input (``DBLLMConfig.rotation_block``).
+    ``variants``: a subset of ``("eager", "compiled", "compiled_opaque_op")`` (default all three).
+    ``profile_steps > 0``: also run that many steps under ``torch.profiler`` and store the 25
+    kernels/ops with the most device time (self time, per step) as ``result[name]["profile"]``."""
     import dbllm_compile as dc
     from dbllm_compile.distill.losses import LossSpec, distill_loss
 
@@ -99,10 +105,16 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
     with torch.no_grad():
         t_logits = model(ids, use_cache=False).logits.detach()
     out: dict[str, Any] = {"batch": batch, "seq_len": seq_len, "steps": steps}
-    variants = {"eager": None, "compiled": {"decompose_train": True}, "compiled_opaque_op": {"decompose_train": False}}
-    for name, options in variants.items():
-        student = dc.quantize(model, (ids,), dc.DBLLMConfig(init=init), example_kwargs={"use_cache": False},
-                              progress=False)
+    out["rotation_block"] = rotation_block
+    table = {"eager": None, "compiled": {"decompose_train": True}, "compiled_opaque_op": {"decompose_train": False}}
+    unknown = set(variants or ()) - set(table)
+    if unknown:
+        raise ValueError(f"distill_step_speed: unknown variants {sorted(unknown)}; choose from {sorted(table)}")
+    for name, options in table.items():
+        if variants is not None and name not in variants:
+            continue
+        student = dc.quantize(model, (ids,), dc.DBLLMConfig(init=init, rotation_block=rotation_block),
+                              example_kwargs={"use_cache": False}, progress=False)
         scales = list(student.scale_parameters())
         latents = list(student.latent_parameters())
         before = torch.cat([s.detach().flatten() for s in scales]).clone()
@@ -130,13 +142,33 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
         after = torch.cat([s.detach().flatten() for s in scales])
         out[name] = {"seconds_per_step": per_step, "first_step_s": first_s, "first_loss": first_loss,
                      "last_loss": losses[-1], "scales_changed_fraction": float((after != before).float().mean())}
+        if profile_steps > 0:
+            out[name]["profile"] = _profile(step, profile_steps, device)
         if on_variant is not None:
             on_variant(name, out[name])
         student = opt = forward = None  # free before the next variant
         torch._dynamo.reset()
-    out["speedup"] = out["eager"]["seconds_per_step"] / out["compiled"]["seconds_per_step"]
-    out["speedup_opaque_op"] = out["eager"]["seconds_per_step"] / out["compiled_opaque_op"]["seconds_per_step"]
+    if "eager" in out and "compiled" in out:
+        out["speedup"] = out["eager"]["seconds_per_step"] / out["compiled"]["seconds_per_step"]
+    if "eager" in out and "compiled_opaque_op" in out:
+        out["speedup_opaque_op"] = out["eager"]["seconds_per_step"] / out["compiled_opaque_op"]["seconds_per_step"]
     return out
+
+
+def _profile(step: Any, steps: int, device: torch.device, top: int = 25) -> list[dict[str, Any]]:
+    """The ``top`` ops with the most self device time (CPU time without a GPU) over ``steps`` calls
+    of ``step``, per step, as dicts (name, microseconds per step, calls per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    return [{"name": e.key[:120], "us_per_step": getattr(e, key, 0.0) / steps, "calls_per_step": e.count / steps}
+            for e in rows]
 
 
 def greedy_match(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_tokens: int, init: str = "mse",
