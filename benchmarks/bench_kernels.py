@@ -182,7 +182,37 @@ def bench_a4(r: dict, x: torch.Tensor, layers: list, lq: int) -> None:
             print(f"  a4_row_int_mm_only: {type(e).__name__}: {str(e)[:160]}", flush=True)
 
 
-def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: float, a4: bool = False) -> dict:
+DEQUANT_BLOCKS = [(32, 512, 4), (64, 256, 4), (16, 1024, 4)]
+"""block_n, block_k, warps of the dequant kernel timed alone by ``--dequant-only``."""
+
+
+def bench_dequant_only(r: dict, x: torch.Tensor, layers: list, lq: int, copy_bw: float) -> None:
+    """The dequant kernel alone (dense write + codes and scales read, against the copy bandwidth)
+    and dequant + cuBLAS, same stack: how much of the M >= 256 time the decode itself costs."""
+    from dbllm_compile.backends.triton.launch import KernelConfig, launch_dequant
+
+    n, k = layers[0].out_features, layers[0].in_features
+    k_pad = -(-k // G) * G
+    moved = n * k * x.element_size() + n * k_pad / 4 + n * (k_pad // G) * 2 * x.element_size()
+    res: dict = {}
+    for bn, bk, w in DEQUANT_BLOCKS:
+        cfg = KernelConfig(kind="dequant", block_n=bn, block_k=bk, num_warps=w)
+        try:
+            fn = lambda: [launch_dequant(gw, x.dtype, cfg) for gw in layers]  # noqa: E731
+            fn()
+            us = graph_ms(fn) * 1e3 / lq
+            with_cublas = graph_ms(lambda: [F.linear(x, launch_dequant(gw, x.dtype, cfg)) for gw in layers]) * 1e3 / lq
+            res[cfg.short()] = {"dequant_us": us, "GBps": moved / (us * 1e-6) / 1e9,
+                                "pct_copy": 100 * moved / (us * 1e-6) / copy_bw, "with_cublas_us": with_cublas}
+            print(f"  {cfg.short()}: dequant alone {us:.1f} us ({res[cfg.short()]['pct_copy']:.0f}% copy), "
+                  f"+ cuBLAS {with_cublas:.1f} us", flush=True)
+        except Exception as e:  # a block shape that does not compile or fit
+            res[cfg.short()] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    r["dequant_only"] = res
+
+
+def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: float, a4: bool = False,
+               dequant_only: bool = False) -> dict:
     from dbllm_compile.backends.triton import tuning
     from dbllm_compile.backends.triton.dispatch import linear_prepared
     from dbllm_compile.backends.triton.launch import run_config
@@ -225,6 +255,8 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
             r["unsplit_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
     if a4 and m >= 16:
         bench_a4(r, x, layers, lq)
+    if dequant_only and m > 16:
+        bench_dequant_only(r, x, layers, lq, copy_bw)
     del layers
     r["layers_ours"] = lq
 
@@ -307,6 +339,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--second-process", action="store_true")
     ap.add_argument("--a4", action="store_true", help="also time the 4-bit-activation kernels (M >= 16)")
+    ap.add_argument("--dequant-only", action="store_true",
+                    help="M > 16: also time the dequant kernel alone and dequant + cuBLAS, a few block shapes")
     args = ap.parse_args()
     import dbllm_compile.backends  # noqa: F401
 
@@ -322,7 +356,8 @@ def main() -> None:
     results = []
     for n, k in shapes:
         for m in map(int, args.m.split(",")):
-            r = bench_case(n, k, m, dtype, info["l2_bytes"], info["copy_GBps"] * 1e9, a4=args.a4)
+            r = bench_case(n, k, m, dtype, info["l2_bytes"], info["copy_GBps"] * 1e9, a4=args.a4,
+                           dequant_only=args.dequant_only)
             results.append(r)
             print(f"N={n:6d} K={k:6d} M={m:5d}  cuBLAS {r['cublas_us']:9.1f} us  ours {r['ours_us']:9.1f} us "
                   f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"

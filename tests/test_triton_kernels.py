@@ -84,13 +84,15 @@ def test_every_config_matches_reference(m, n, k, g, dtype):
         assert_close(y, ref if with_bias else ref_nb, dtype)
 
 
+@pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_dequantize_kernel_is_exact(dtype):
-    n, k, g = (1000, 4160, 64) if GPU else (40, 200, 64)
+def test_dequantize_kernel_is_exact(dtype, g):
+    n, k = (1000, 4160) if GPU else (40, 200)
     packed, a1, a2, _, _ = make_layer(n, k, g)
     gw = dbt.to_gpu_layout(packed, a1, a2, k, g, dtype)
-    w = launch.launch_dequant(gw, dtype, KernelConfig(kind="dequant", block_n=16, block_k=128))
-    assert torch.equal(w.cpu(), dbt.dequantize_gpu_layout(gw).cpu())
+    for cfg in (KernelConfig(kind="dequant", block_n=16, block_k=128), KernelConfig(kind="dequant", block_n=8, block_k=256)):
+        w = launch.launch_dequant(gw, dtype, cfg)
+        assert torch.equal(w.cpu(), dbt.dequantize_gpu_layout(gw).cpu()), cfg.short()
 
 
 @pytest.mark.parametrize("shape", [(1, 100), (5, 100), (2, 3, 100)], ids=["m1", "odd-m", "3d"])

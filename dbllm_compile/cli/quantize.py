@@ -80,7 +80,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                              ("--block-latent-lr", "block_latent_lr")):
         d.add_argument(flag, type=float, default=None, dest=field_name, metavar="LR",
                        help=f"peak learning rate: DistillConfig.{field_name} (default "
-                            f"{getattr(_distill_defaults(), field_name):g}; docs/distillation.md)")
+                            f"{getattr(_distill_defaults(), field_name):g}"
+                            + "".join(f", {b} budget {v[field_name]:g}" for b, v in sorted(BUDGETS.items())
+                                      if field_name in v)
+                            + "; docs/distillation.md)")
     d.add_argument("--corpus", type=Path, default=None, metavar="FILE",
                    help="UTF-8 text to calibrate on instead of (or mixed with, see --corpus-fraction) generated text")
     d.add_argument("--corpus-fraction", type=float, default=1.0,
@@ -121,7 +124,7 @@ SmolLM2-135M with full-precision weights and fake 4-bit activations on every lin
 with the same distilled weights, the W(1+1)A4 pipeline ended at 412 with G=64 against 8,058 per
 token."""
 
-BUDGETS: dict[str, dict[str, int]] = {
+BUDGETS: dict[str, dict[str, int | float]] = {
     # 2 CPU cores, SmolLM2-135M (measured 2026-11-23): 21 s of data, 202 s block-wise, 98 s end to end.
     "cpu": {"tokens": 16 * 128, "calib_seq_len": 128, "block_steps": 16, "steps": 6, "batch_size": 4,
             "act_steps": 4},
@@ -130,8 +133,10 @@ BUDGETS: dict[str, dict[str, int]] = {
     # 2,000 steps); WikiText-2 perplexity 91.1 (full precision 28.74; 1,000 eager steps: 102.8).
     # With the default --rotation-block 64 (2026-11-24, results.md 3.0): 77.9; the longer rotated
     # budget ran ~1.6x slower than without rotation (not profiled).
+    # End-to-end learning rates 2.5x DistillConfig's defaults (2026-11-24, results.md 3.0):
+    # 77.9 -> 71.0 with the rotation, same budget and calibration text.
     "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 2000, "batch_size": 8,
-            "act_steps": 300},
+            "act_steps": 300, "lr": 5e-4, "latent_lr": 5e-5},
 }
 
 
@@ -187,7 +192,7 @@ def _fit_rotation_block(config: Any, model: Any, console: Any) -> Any:
     return config
 
 
-def _resolve_budget(args: argparse.Namespace, device: Any) -> dict[str, int]:
+def _resolve_budget(args: argparse.Namespace, device: Any) -> dict[str, int | float]:
     budget = dict(BUDGETS[args.budget or ("gpu" if device.type == "cuda" else "cpu")])
     for key in budget:
         value = getattr(args, key)
@@ -290,8 +295,9 @@ def run(args: argparse.Namespace) -> int:
                                     batch_size=budget["batch_size"], block_batch_size=budget["batch_size"],
                                     loss=LossSpec(args.loss), train_latent=not args.scales_only, seed=args.seed,
                                     block_loss=args.block_loss, block_sequences=args.block_sequences,
-                                    **{k: getattr(args, k) for k in ("lr", "latent_lr", "block_lr", "block_latent_lr")
-                                       if getattr(args, k) is not None},
+                                    **{k: budget.get(k, getattr(args, k)) for k in ("lr", "latent_lr", "block_lr",
+                                                                                    "block_latent_lr")
+                                       if budget.get(k, getattr(args, k)) is not None},
                                     # a checkpoint holds latents + AdamW state (~1.6 GB for 135M): not too often
                                     checkpoint_every=100 if budget["steps"] >= 500 else 25,
                                     compile=args.compile if args.compile is not None else device.type == "cuda")
