@@ -18,7 +18,8 @@ DEFAULT_ROTATION_BLOCK = 64
 """``--rotation-block`` when the job distils (``DBLLMConfig.rotation_block`` itself defaults to 0 so
 that stored configs keep their meaning). Measured 2026-11-24, SmolLM2-135M, WikiText-2 40 x 512:
 H100 ``gpu`` budget W2A16 90.24 without rotation, 77.88 with blocks of 64; W(1+1)A4 (G=64)
-209.2 -> 89.7 (docs/results.md 3.0, 4.4). CPU budget: 2,076 -> 1,004 (results.md 2). The
+209.2 -> 89.7 (docs/results.md 3.0, 4.4); with the gpu budget's larger learning rates 71.0 and 80.3
+(3.0a, 4.5). CPU budget: 2,076 -> 1,004 (results.md 2). The
 post-training initialisation alone gets worse (21,535 -> 76,301 with 2 refinements), hence 0
 with ``--no-distill``."""
 
@@ -131,8 +132,8 @@ BUDGETS: dict[str, dict[str, int | float]] = {
     # one H100, real SmolLM2-135M, compiled end-to-end step (measured 2026-11-24, docs/results.md
     # section 3): ~16 min uninterrupted (74 s of data, 225 s block-wise, ~240 s compile, ~340 s for
     # 2,000 steps); WikiText-2 perplexity 91.1 (full precision 28.74; 1,000 eager steps: 102.8).
-    # With the default --rotation-block 64 (2026-11-24, results.md 3.0): 77.9; the longer rotated
-    # budget ran ~1.6x slower than without rotation (not profiled).
+    # With the default --rotation-block 64 (2026-11-24, results.md 3.0): 77.9; the rotation adds
+    # ~9% to a compiled step (results.md 3.0a).
     # End-to-end learning rates 2.5x DistillConfig's defaults (2026-11-24, results.md 3.0):
     # 77.9 -> 71.0 with the rotation, same budget and calibration text.
     "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 2000, "batch_size": 8,
