@@ -24,7 +24,7 @@ def test_quantize_main_job_on_a_local_model(tiny_hf_dir, tmp_path, capsys):
     stdout = capsys.readouterr().out
     results = json.loads(stdout[stdout.index("{\n"):])
     cfg = results["distill"]["config"]
-    assert (cfg["latent_lr"], cfg["block_lr"], cfg["lr"]) == (1e-4, 3e-4, 2e-4)  # flags reach the config; lr default
+    assert (cfg["latent_lr"], cfg["block_lr"], cfg["lr"]) == (1e-4, 3e-4, 5e-4)  # flags reach the config; lr default
     assert results["layers_rewritten"] == 14 and results["layers_skipped"] == ["lm_head"]
     assert results["bits_per_weight"] == pytest.approx(2.5)
     for label in ("python-docs (default)", str(text)):
@@ -192,18 +192,3 @@ def test_default_rotation_block_fits_the_model_and_is_off_without_distillation()
     assert _fit_rotation_block(cfg, odd, quiet).rotation_block == 0  # 100 = 4 * 25: below 8, none
     assert _fit_rotation_block(cfg, torch.nn.Linear(576, 8), quiet).rotation_block == 64
 
-
-def test_gpu_budget_learning_rates_and_flag_precedence(tiny_hf_dir, tmp_path, capsys):
-    """``--budget gpu`` brings its own end-to-end learning rates (BUDGETS); an explicit flag wins."""
-    from dbllm_compile.cli.quantize import BUDGETS
-
-    directory, _, _ = tiny_hf_dir
-    rc = main(["quantize", "--model", str(directory), "--no-default-text", "--out", str(tmp_path / "o"), "--json",
-               "--budget", "gpu", "--steps", "1", "--block-steps", "1", "--tokens", "64", "--calib-seq-len", "16",
-               "--batch-size", "2", "--latent-lr", "1e-4"])
-    assert rc == 0
-    stdout = capsys.readouterr().out
-    cfg = json.loads(stdout[stdout.index("{\n"):])["distill"]["config"]
-    assert cfg["lr"] == BUDGETS["gpu"]["lr"] == 5e-4  # from the budget
-    assert cfg["latent_lr"] == 1e-4  # the flag, not the budget's 5e-5
-    assert "lr" not in BUDGETS["cpu"]  # the CPU budget keeps DistillConfig's defaults

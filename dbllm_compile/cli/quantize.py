@@ -18,8 +18,8 @@ DEFAULT_ROTATION_BLOCK = 64
 """``--rotation-block`` when the job distils (``DBLLMConfig.rotation_block`` itself defaults to 0 so
 that stored configs keep their meaning). Measured 2026-11-24, SmolLM2-135M, WikiText-2 40 x 512:
 H100 ``gpu`` budget W2A16 90.24 without rotation, 77.88 with blocks of 64; W(1+1)A4 (G=64)
-209.2 -> 89.7 (docs/results.md 3.0, 4.4); with the gpu budget's larger learning rates 71.0 and 80.3
-(3.0a, 4.5). CPU budget: 2,076 -> 1,004 (results.md 2). The
+209.2 -> 89.7 (docs/results.md 3.0, 4.4); with the larger end-to-end learning rates (DistillConfig
+since 2026-11-24) 71.0 and 80.3 (3.0a, 4.5). CPU budget: 2,076 -> 1,004, 912 with the larger learning rates (results.md 2). The
 post-training initialisation alone gets worse (21,535 -> 76,301 with 2 refinements), hence 0
 with ``--no-distill``."""
 
@@ -81,10 +81,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                              ("--block-latent-lr", "block_latent_lr")):
         d.add_argument(flag, type=float, default=None, dest=field_name, metavar="LR",
                        help=f"peak learning rate: DistillConfig.{field_name} (default "
-                            f"{getattr(_distill_defaults(), field_name):g}"
-                            + "".join(f", {b} budget {v[field_name]:g}" for b, v in sorted(BUDGETS.items())
-                                      if field_name in v)
-                            + "; docs/distillation.md)")
+                            f"{getattr(_distill_defaults(), field_name):g}; docs/distillation.md)")
     d.add_argument("--corpus", type=Path, default=None, metavar="FILE",
                    help="UTF-8 text to calibrate on instead of (or mixed with, see --corpus-fraction) generated text")
     d.add_argument("--corpus-fraction", type=float, default=1.0,
@@ -125,7 +122,7 @@ SmolLM2-135M with full-precision weights and fake 4-bit activations on every lin
 with the same distilled weights, the W(1+1)A4 pipeline ended at 412 with G=64 against 8,058 per
 token."""
 
-BUDGETS: dict[str, dict[str, int | float]] = {
+BUDGETS: dict[str, dict[str, int]] = {
     # 2 CPU cores, SmolLM2-135M (measured 2026-11-23): 21 s of data, 202 s block-wise, 98 s end to end.
     "cpu": {"tokens": 16 * 128, "calib_seq_len": 128, "block_steps": 16, "steps": 6, "batch_size": 4,
             "act_steps": 4},
@@ -133,11 +130,10 @@ BUDGETS: dict[str, dict[str, int | float]] = {
     # section 3): ~16 min uninterrupted (74 s of data, 225 s block-wise, ~240 s compile, ~340 s for
     # 2,000 steps); WikiText-2 perplexity 91.1 (full precision 28.74; 1,000 eager steps: 102.8).
     # With the default --rotation-block 64 (2026-11-24, results.md 3.0): 77.9; the rotation adds
-    # ~9% to a compiled step (results.md 3.0a).
-    # End-to-end learning rates 2.5x DistillConfig's defaults (2026-11-24, results.md 3.0):
-    # 77.9 -> 71.0 with the rotation, same budget and calibration text.
+    # ~9% to a compiled step (results.md 3.0a). With DistillConfig's end-to-end learning rates
+    # raised 2.5x (5e-4 / 5e-5, 2026-11-24, results.md 3.0a): 71.0.
     "gpu": {"tokens": 512 * 512, "calib_seq_len": 512, "block_steps": 200, "steps": 2000, "batch_size": 8,
-            "act_steps": 300, "lr": 5e-4, "latent_lr": 5e-5},
+            "act_steps": 300},
 }
 
 
@@ -193,7 +189,7 @@ def _fit_rotation_block(config: Any, model: Any, console: Any) -> Any:
     return config
 
 
-def _resolve_budget(args: argparse.Namespace, device: Any) -> dict[str, int | float]:
+def _resolve_budget(args: argparse.Namespace, device: Any) -> dict[str, int]:
     budget = dict(BUDGETS[args.budget or ("gpu" if device.type == "cuda" else "cpu")])
     for key in budget:
         value = getattr(args, key)
@@ -296,9 +292,8 @@ def run(args: argparse.Namespace) -> int:
                                     batch_size=budget["batch_size"], block_batch_size=budget["batch_size"],
                                     loss=LossSpec(args.loss), train_latent=not args.scales_only, seed=args.seed,
                                     block_loss=args.block_loss, block_sequences=args.block_sequences,
-                                    **{k: budget.get(k, getattr(args, k)) for k in ("lr", "latent_lr", "block_lr",
-                                                                                    "block_latent_lr")
-                                       if budget.get(k, getattr(args, k)) is not None},
+                                    **{k: getattr(args, k) for k in ("lr", "latent_lr", "block_lr", "block_latent_lr")
+                                       if getattr(args, k) is not None},
                                     # a checkpoint holds latents + AdamW state (~1.6 GB for 135M): not too often
                                     checkpoint_every=100 if budget["steps"] >= 500 else 25,
                                     compile=args.compile if args.compile is not None else device.type == "cuda")

@@ -80,8 +80,8 @@ class DistillConfig:
 
     steps: int = 100
     batch_size: int = 4
-    lr: float = 2e-4
-    latent_lr: float = 2e-5
+    lr: float = 5e-4  # 2e-4 until 2026-11-24: 2.5x gave -9% on both budgets (docs/results.md 2, 3.0a)
+    latent_lr: float = 5e-5
     train_latent: bool = True
     train_weights: bool = True
     train_activation: bool = True
