@@ -8,7 +8,8 @@
 # reconstruction, end-to-end DAD distillation (2,000 steps, compiled through the dbllm backend:
 # the CLI default on CUDA), with every quantized linear's input Hadamard-rotated (the CLI default
 # --rotation-block 64 since 2026-11-24: 77.9 against 90.2 with --rotation-block 0, docs/results.md
-# 3.0; with the budget's end-to-end learning rates 5e-4 / 5e-5 since the same day: 71.0, 3.0a), packed evaluation on the first 40 windows of
+# 3.0; with the end-to-end learning rates 5e-4 / 5e-5, DistillConfig's defaults since the same day:
+# 71.0, 3.0a), packed evaluation on the first 40 windows of
 # 512 tokens of WikiText-2 test. The run directory OUT_DIR-run/ holds the checkpoint: running
 # the same command again after a kill or a timeout resumes where it stopped.
 set -euo pipefail
