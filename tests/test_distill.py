@@ -382,3 +382,33 @@ def test_block_offload_on_cuda_gives_the_same_parameters():
     assert params["cpu"][1] == params["none"][1]
     for k, v in params["none"][0].items():
         assert torch.equal(v, params["cpu"][0][k]), k
+
+
+def test_checkpoint_seconds_throttles_end_to_end_checkpoints(tmp_path, monkeypatch):
+    """checkpoint_every=1 with a long minimum interval writes only the last step's checkpoint."""
+    model, data = _llama(), _data(8, 16)
+    saved = []
+    real = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda path, state: (saved.append(state["step"] if state["stage"] == "e2e" else None), real(path, state)))
+    for seconds, expected in ((0.0, [1, 2, 3, 4]), (3600.0, [4])):
+        saved.clear()
+        cfg = DistillConfig(steps=4, block_steps=0, batch_size=4, checkpoint_every=1, checkpoint_seconds=seconds)
+        distill(_student(model, data), model, data, cfg, out_dir=tmp_path / str(seconds), progress=False, plots=False)
+        assert [s for s in saved if s is not None] == expected
+    with pytest.raises(dc.ConfigError, match="checkpoint_seconds"):
+        DistillConfig(checkpoint_seconds=-1.0)
+
+
+def test_profile_steps_logs_the_top_ops(tmp_path):
+    import json
+
+    model, data = _llama(), _data(8, 16)
+    cfg = DistillConfig(steps=23, block_steps=0, batch_size=4, profile_steps=2)
+    distill(_student(model, data), model, data, cfg, out_dir=tmp_path, progress=False, plots=False)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    prof = [r for r in recs if r.get("stage") == "e2e_profile"]
+    assert len(prof) == 1 and prof[0]["first_step"] == 20 and prof[0]["steps"] == 2
+    top = prof[0]["top"]
+    assert top[0]["name"].startswith("(all ops") and len(top) > 5
+    assert any("mm" in r["name"] for r in top[1:])
+    assert top[0]["us_per_step"] >= max(r["us_per_step"] for r in top[1:]) > 0

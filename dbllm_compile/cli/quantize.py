@@ -94,6 +94,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="compile the end-to-end step with torch.compile(backend='dbllm'); default: on with "
                         "--device cuda, off on CPU. On an H100 the compiled recipe ran at ~6 steps/s against "
                         "1.5 eager (docs/results.md section 3); the first step pays the compile (~4 min)")
+    d.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="profile N end-to-end steps (from the 20th) and write the ops with the most device time to "
+                        "the run's metrics.jsonl as an 'e2e_profile' record (default 0: off)")
     d.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     d.add_argument("--seed", type=int, default=0, help="seed of calibration data and data order")
     a = q.add_argument_group("4-bit activations, W(1+1)A4 (three stages: init, weights, activations)")
@@ -294,8 +297,10 @@ def run(args: argparse.Namespace) -> int:
                                     block_loss=args.block_loss, block_sequences=args.block_sequences,
                                     **{k: getattr(args, k) for k in ("lr", "latent_lr", "block_lr", "block_latent_lr")
                                        if getattr(args, k) is not None},
-                                    # a checkpoint holds latents + AdamW state (~1.6 GB for 135M): not too often
-                                    checkpoint_every=100 if budget["steps"] >= 500 else 25,
+                                    # a checkpoint holds latents + AdamW state (~1.6 GB for 135M, 2-4 s
+                                    # on the H100 machines): at most one every 2 minutes
+                                    checkpoint_every=25, checkpoint_seconds=120.0,
+                                    profile_steps=args.profile_steps,
                                     compile=args.compile if args.compile is not None else device.type == "cuda")
     texts: dict[str, str] = {}
     extra_files: set[str] = set()
