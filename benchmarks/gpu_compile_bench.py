@@ -88,6 +88,9 @@ def main() -> int:
     ap.add_argument("--distill-variants", default="eager,compiled,compiled_opaque_op")
     ap.add_argument("--distill-profile", type=int, default=0, metavar="STEPS",
                     help="also profile STEPS steps of each variant (top kernels by device time)")
+    ap.add_argument("--distill-adamw", default="fused",
+                    help="comma-separated AdamW implementations to time the step with: fused (what the "
+                         "distillation stages use on CUDA) and/or foreach (PyTorch's default before)")
     ap.add_argument("--greedy-tokens", type=int, default=32)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -146,13 +149,15 @@ def main() -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
         variants = tuple(v for v in args.distill_variants.split(",") if v)
         result["distill_by_rotation"] = {}
-        for block in (int(b) for b in args.distill_rotation.split(",")):
+        runs = [(int(b), impl) for b in args.distill_rotation.split(",") for impl in args.distill_adamw.split(",")]
+        for block, impl in runs:
             partial: dict = {}
+            key = str(block) if impl == "fused" else f"{block}_{impl}"
 
-            def progress(name: str, r: dict, block: int = block) -> None:
+            def progress(name: str, r: dict, block: int = block, impl: str = impl) -> None:
                 partial[name] = r
-                result["distill_partial"] = {"rotation_block": block, **partial}
-                print(f"distill rotation {block} {name}: {r['seconds_per_step'] * 1e3:.1f} ms/step "
+                result["distill_partial"] = {"rotation_block": block, "adamw": impl, **partial}
+                print(f"distill rotation {block} adamw {impl} {name}: {r['seconds_per_step'] * 1e3:.1f} ms/step "
                       f"(first step {r['first_step_s']:.1f} s)", flush=True)
                 for row in r.get("profile", [])[:15]:
                     print(f"    {row['us_per_step']:10.1f} us/step {row['calls_per_step']:6.1f}x  {row['name']}", flush=True)
@@ -160,12 +165,13 @@ def main() -> int:
 
             d = distill_step_speed(model, batch=args.distill_batch, seq_len=args.distill_seq_len,
                                    steps=args.distill_steps, on_variant=progress, rotation_block=block,
-                                   variants=variants, profile_steps=args.distill_profile)
-            result["distill_by_rotation"][str(block)] = d
-            if block == 0:
+                                   variants=variants, profile_steps=args.distill_profile,
+                                   fused_adamw=impl == "fused")
+            result["distill_by_rotation"][key] = d
+            if key == "0":
                 result["distill"] = d
             line = ", ".join(f"{v} {d[v]['seconds_per_step'] * 1e3:.1f} ms" for v in variants)
-            print(f"distill step, rotation {block}: {line}; scales changed "
+            print(f"distill step, rotation {block}, adamw {impl}: {line}; scales changed "
                   f"{d[variants[-1]]['scales_changed_fraction']:.3f}", flush=True)
         del model
         result["seconds"]["distill"] = time.perf_counter() - t0

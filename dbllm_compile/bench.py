@@ -87,14 +87,15 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
 
 def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, steps: int, init: str = "maxabs",
                        on_variant: Any = None, rotation_block: int = 0, variants: tuple[str, ...] | None = None,
-                       profile_steps: int = 0) -> dict[str, Any]:
+                       profile_steps: int = 0, fused_adamw: bool = True) -> dict[str, Any]:
     """Seconds per distillation step, eager vs compiled; checks that the scales moved.
 
     ``on_variant(name, result)`` is called after each variant (progress, partial results).
     ``rotation_block``: Hadamard-rotate every quantized linear's input (``DBLLMConfig.rotation_block``).
     ``variants``: a subset of ``("eager", "compiled", "compiled_opaque_op")`` (default all three).
     ``profile_steps > 0``: also run that many steps under ``torch.profiler`` and store the 25
-    kernels/ops with the most device time (self time, per step) as ``result[name]["profile"]``."""
+    kernels/ops with the most device time (self time, per step) as ``result[name]["profile"]``.
+    ``fused_adamw``: AdamW with ``fused=True`` on CUDA, as the distillation stages use it."""
     import dbllm_compile as dc
     from dbllm_compile.distill.losses import LossSpec, distill_loss
 
@@ -106,6 +107,7 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
         t_logits = model(ids, use_cache=False).logits.detach()
     out: dict[str, Any] = {"batch": batch, "seq_len": seq_len, "steps": steps}
     out["rotation_block"] = rotation_block
+    out["fused_adamw"] = bool(fused_adamw and device.type == "cuda")
     table = {"eager": None, "compiled": {"decompose_train": True}, "compiled_opaque_op": {"decompose_train": False}}
     unknown = set(variants or ()) - set(table)
     if unknown:
@@ -118,7 +120,8 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
         scales = list(student.scale_parameters())
         latents = list(student.latent_parameters())
         before = torch.cat([s.detach().flatten() for s in scales]).clone()
-        opt = torch.optim.AdamW([{"params": scales, "lr": 1e-3}, {"params": latents, "lr": 1e-4}], weight_decay=0.0)
+        opt = torch.optim.AdamW([{"params": scales, "lr": 1e-3}, {"params": latents, "lr": 1e-4}], weight_decay=0.0,
+                                **({"fused": True} if fused_adamw and device.type == "cuda" else {}))
         forward = student if options is None else torch.compile(student, backend="dbllm", fullgraph=True, options=options)
 
         def step() -> float:
