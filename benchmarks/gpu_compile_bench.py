@@ -43,8 +43,11 @@ def _plot(result: dict, path: Path) -> None:
     panels = []
     if "decode" in result:
         d = result["decode"]
-        panels.append(("decode tokens/s (batch 1)", ["fp16 inductor", "2-bit dbllm"],
-                       [d["baseline"]["decode_tokens_per_s"], d["dbllm"]["decode_tokens_per_s"]]))
+        labels, values = ["fp16 inductor", "2-bit dbllm"], [d["baseline"]["decode_tokens_per_s"], d["dbllm"]["decode_tokens_per_s"]]
+        if "dbllm_unfused" in d:
+            labels.append("2-bit dbllm\nunfused")
+            values.append(d["dbllm_unfused"]["decode_tokens_per_s"])
+        panels.append(("decode tokens/s (batch 1)", labels, values))
         if d["baseline"].get("peak_memory_bytes"):
             panels.append(("peak memory (GB)", ["fp16 inductor", "2-bit dbllm"],
                            [d["baseline"]["peak_memory_bytes"] / 1e9, d["dbllm"]["peak_memory_bytes"] / 1e9]))
@@ -90,7 +93,13 @@ def main() -> int:
                     help="also profile STEPS steps of each variant (top kernels by device time)")
     ap.add_argument("--distill-adamw", default="fused",
                     help="comma-separated AdamW implementations to time the step with: fused (what the "
-                         "distillation stages use on CUDA) and/or foreach (PyTorch's default before)")
+                         "distillation stages use on CUDA) and/or foreach (PyTorch's default before); "
+                         "'fused+bf16' also runs the forward and loss under bf16 autocast")
+    ap.add_argument("--decode-unfused", action="store_true",
+                    help="also time the 2-bit model with fuse_siblings=False (q/k/v and gate/up as separate "
+                         "kernels), in the same run")
+    ap.add_argument("--decode-profile", type=int, default=0, metavar="TOKENS",
+                    help="also profile one generation of TOKENS new tokens per variant (top kernels by device time)")
     ap.add_argument("--greedy-tokens", type=int, default=32)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,13 +140,18 @@ def main() -> int:
     if "decode" in parts:
         t0 = time.perf_counter()
         model = llama_model("llama2-7b", device, torch.float16 if device == "cuda" else torch.float32, args.layers)
+        extra = {"dbllm_unfused": {"init": "maxabs", "fuse_siblings": False}} if args.decode_unfused else None
         result["decode"] = decode_speed(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                        options={"init": "maxabs"})
+                                        options={"init": "maxabs"}, extra=extra,
+                                        profile_tokens=args.decode_profile)
         result["decode"]["layers"] = model.config.num_hidden_layers
         del model
         torch.cuda.empty_cache() if device == "cuda" else None
         result["seconds"]["decode"] = time.perf_counter() - t0
         d = result["decode"]
+        if "dbllm_unfused" in d:
+            print(f"decode: 2-bit without sibling fusion {d['dbllm_unfused']['decode_tokens_per_s']:.1f} tok/s "
+                  f"({d['decode_speedup_dbllm_unfused']:.2f}x)", flush=True)
         print(f"decode: fp16 {d['baseline']['decode_tokens_per_s']:.1f} tok/s, 2-bit {d['dbllm']['decode_tokens_per_s']:.1f} "
               f"tok/s ({d['decode_speedup']:.2f}x); prefill {d['prefill_speedup']:.2f}x; "
               f"peak {d['baseline']['peak_memory_bytes']} vs {d['dbllm']['peak_memory_bytes']} bytes", flush=True)
@@ -166,7 +180,7 @@ def main() -> int:
             d = distill_step_speed(model, batch=args.distill_batch, seq_len=args.distill_seq_len,
                                    steps=args.distill_steps, on_variant=progress, rotation_block=block,
                                    variants=variants, profile_steps=args.distill_profile,
-                                   fused_adamw=impl == "fused")
+                                   fused_adamw=impl.startswith("fused"), bf16=impl.endswith("+bf16"))
             result["distill_by_rotation"][key] = d
             if key == "0":
                 result["distill"] = d

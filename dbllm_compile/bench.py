@@ -50,8 +50,15 @@ def llama_model(shape: str, device: str, dtype: torch.dtype, layers: int | None 
 
 
 def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, options: dict[str, Any],
-                 mode: str | None = "auto") -> dict[str, Any]:
-    """Prefill/decode tokens per second and peak memory: fp baseline vs 2-bit, same model, same run."""
+                 mode: str | None = "auto", extra: dict[str, dict[str, Any]] | None = None,
+                 profile_tokens: int = 0) -> dict[str, Any]:
+    """Prefill/decode tokens per second and peak memory: fp baseline vs 2-bit, same model, same run.
+
+    ``extra``: more ``backend="dbllm"`` variants timed in the same run, by name (e.g.
+    ``{"dbllm_unfused": {**options, "fuse_siblings": False}}``); each gets its own
+    ``decode_speedup_<name>``. ``profile_tokens > 0``: also profile one generation of that many
+    new tokens per variant (kernels inside CUDA graphs included) and store the ops with the most
+    device time, per generated token, as ``out[name]["profile"]``."""
     from dbllm_compile.backends.dynamo import reset_stats, stats
     from dbllm_compile.generate import StaticCacheGenerator
 
@@ -60,7 +67,9 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": str(next(model.parameters()).dtype)}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    for name, backend, opts in (("baseline", "inductor", None), ("dbllm", "dbllm", options)):
+    variants = [("baseline", "inductor", None), ("dbllm", "dbllm", options)]
+    variants += [(name, "dbllm", opts) for name, opts in (extra or {}).items()]
+    for name, backend, opts in variants:
         reset_stats()
         gen = StaticCacheGenerator(model, max_cache_len=prompt_len + new_tokens + 8, backend=backend,
                                    options=opts, mode=mode)
@@ -73,8 +82,13 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
         out[name] = {**best.to_dict(), "compile_and_warmup_s": compile_s,
                      "decode_tokens_per_s_all": [r.decode_tokens_per_s for r in runs],
                      "tokens": best.tokens[0].tolist()[:16]}
-        if name == "dbllm":
+        if backend == "dbllm":
             out[name]["backend_stats"] = stats().to_dict()
+        if profile_tokens > 0:
+            out[name]["profile"] = _profile(lambda: gen.generate(ids, profile_tokens), 1, device, top=40)
+            for row in out[name]["profile"]:
+                row["us_per_token"] = row.pop("us_per_step") / profile_tokens  # prefill included
+                row["calls_per_token"] = row.pop("calls_per_step") / profile_tokens
         del gen
         torch._dynamo.reset()
         if device.type == "cuda":
@@ -82,12 +96,14 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
     out["fp_weight_bytes"] = weight_bytes
     out["decode_speedup"] = out["dbllm"]["decode_tokens_per_s"] / out["baseline"]["decode_tokens_per_s"]
     out["prefill_speedup"] = out["dbllm"]["prefill_tokens_per_s"] / out["baseline"]["prefill_tokens_per_s"]
+    for name in extra or {}:
+        out[f"decode_speedup_{name}"] = out[name]["decode_tokens_per_s"] / out["baseline"]["decode_tokens_per_s"]
     return out
 
 
 def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, steps: int, init: str = "maxabs",
                        on_variant: Any = None, rotation_block: int = 0, variants: tuple[str, ...] | None = None,
-                       profile_steps: int = 0, fused_adamw: bool = True) -> dict[str, Any]:
+                       profile_steps: int = 0, fused_adamw: bool = True, bf16: bool = False) -> dict[str, Any]:
     """Seconds per distillation step, eager vs compiled; checks that the scales moved.
 
     ``on_variant(name, result)`` is called after each variant (progress, partial results).
@@ -95,7 +111,9 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
     ``variants``: a subset of ``("eager", "compiled", "compiled_opaque_op")`` (default all three).
     ``profile_steps > 0``: also run that many steps under ``torch.profiler`` and store the 25
     kernels/ops with the most device time (self time, per step) as ``result[name]["profile"]``.
-    ``fused_adamw``: AdamW with ``fused=True`` on CUDA, as the distillation stages use it."""
+    ``fused_adamw``: AdamW with ``fused=True`` on CUDA, as the distillation stages use it.
+    ``bf16``: run the student's forward and the loss under bf16 autocast (the recipe runs float32
+    with TF32 matmuls; this measures what bf16 activations would buy, not their accuracy)."""
     import dbllm_compile as dc
     from dbllm_compile.distill.losses import LossSpec, distill_loss
 
@@ -108,6 +126,7 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
     out: dict[str, Any] = {"batch": batch, "seq_len": seq_len, "steps": steps}
     out["rotation_block"] = rotation_block
     out["fused_adamw"] = bool(fused_adamw and device.type == "cuda")
+    out["bf16"] = bf16
     table = {"eager": None, "compiled": {"decompose_train": True}, "compiled_opaque_op": {"decompose_train": False}}
     unknown = set(variants or ()) - set(table)
     if unknown:
@@ -125,7 +144,8 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
         forward = student if options is None else torch.compile(student, backend="dbllm", fullgraph=True, options=options)
 
         def step() -> float:
-            loss = distill_loss(forward(ids).logits, t_logits, LossSpec())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = distill_loss(forward(ids).logits, t_logits, LossSpec())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -8,6 +8,7 @@ that were never installed.
 
 - :mod:`.options`: :class:`CompileOptions` (``options={...}``, validated).
 - :mod:`.lowering`: the graph rewrites (on-the-fly quantization, lowering of existing ops).
+- :mod:`.fusion`: horizontal fusion of sibling ``db_linear_gpu`` calls (``q/k/v``, ``gate/up``).
 - :mod:`.weights`: quantized weights cached per parameter; the artifact hook.
 - :mod:`.diagnostics`: counters (:func:`stats`, :func:`reset_stats`) and logging.
 - :mod:`.backend`: :func:`dbllm_backend` itself.

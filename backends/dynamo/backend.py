@@ -8,7 +8,8 @@ graph:
 1. mode choice: a graph holding dual-binary ops (a model from ``quantize()``/``convert()``) is
    *lowered* as it is; any other graph gets its linears *quantized* on the fly
    (``options["quantize"]`` overrides);
-2. the rewrites of :mod:`.lowering`;
+2. the rewrites of :mod:`.lowering`, then the horizontal fusion of sibling ``db_linear_gpu``
+   calls (:mod:`.fusion`, ``options["fuse_siblings"]``);
 3. ``torch._inductor.compile_fx.compile_fx`` with the config patches of ``mode``
    (``"reduce-overhead"``: CUDA graphs) and ``options["inductor_options"]``; training graphs
    (inputs that require grad) go through AOTAutograd inside ``compile_fx``.
@@ -29,6 +30,7 @@ from torch import fx
 from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
 
 from .diagnostics import GraphRecord, record_graph
+from .fusion import fuse_sibling_linears
 from .lowering import lower_dbllm_ops, quantize_graph
 from .options import CompileOptions
 
@@ -80,6 +82,8 @@ def dbllm_backend(
     if quantize:
         quantize_graph(gm, example_inputs, opts, record)
     lower_dbllm_ops(gm, example_inputs, opts, record)
+    if opts.fuse_siblings:
+        fuse_sibling_linears(gm, record)
     if record.mode == "quantize" and not record.rewritten:
         record.mode = "passthrough"
     gm.recompile()

@@ -38,7 +38,9 @@ class GraphRecord:
         training: whether the graph was compiled for training (some input requires grad).
         rewritten: layer names quantized on the fly.
         lowered: counts of dual-binary ops by how they were lowered
-            (``"db_linear_gpu"``, ``"db_linear"``, ``"db_linear_train:decomposed"``, ...).
+            (``"db_linear_gpu"``, ``"db_linear"``, ``"db_linear_train:decomposed"``, ...);
+            ``"db_linear_gpu:fused_groups"`` / ``"db_linear_gpu:fused_linears"``: fused sibling
+            calls emitted and the ``db_linear_gpu`` calls they replace (:mod:`.fusion`).
         skipped: ``(layer, node, reason)`` of linears left in full precision.
         fallbacks: ``(node, reason)`` of dual-binary ops left on a slower path.
         weight_cache_hits: layers whose quantized weights were reused from an earlier graph.
@@ -91,6 +93,16 @@ class CompileStats:
         return total
 
     @property
+    def fused_groups(self) -> int:
+        """Fused ``db_linear_gpu`` calls emitted by the sibling fusion (:mod:`.fusion`)."""
+        return self.ops_lowered["db_linear_gpu:fused_groups"]
+
+    @property
+    def linears_fused(self) -> int:
+        """``db_linear_gpu`` calls replaced by those fused calls."""
+        return self.ops_lowered["db_linear_gpu:fused_linears"]
+
+    @property
     def skipped(self) -> list[tuple[str, str, str]]:
         return [s for g in self.graphs for s in g.skipped]
 
@@ -109,6 +121,8 @@ class CompileStats:
             f"skipped {len(self.skipped)}; lowered {dict(self.ops_lowered)}; "
             f"{len(self.fallbacks)} fallback(s)"
         ]
+        if self.fused_groups:
+            lines.append(f"  fused {self.linears_fused} sibling db_linear_gpu call(s) into {self.fused_groups} call(s)")
         reasons: dict[str, list[str]] = {}
         for name, _, reason in self.skipped:
             reasons.setdefault(reason, []).append(name)
@@ -127,6 +141,8 @@ class CompileStats:
             "graph_break_reasons": dict(self.graph_breaks),
             "linears_rewritten": self.linears_rewritten,
             "ops_lowered": dict(self.ops_lowered),
+            "fused_groups": self.fused_groups,
+            "linears_fused": self.linears_fused,
             "skipped": [list(s) for s in self.skipped],
             "fallbacks": [list(f) for f in self.fallbacks],
         }

@@ -53,6 +53,9 @@ class CompileOptions:
         gpu_op: on CUDA, run dual-binary linears as ``dbllm::db_linear_gpu`` (a ``triton_op``
             Inductor sees, weights repacked once into the GPU layout at compile time) instead
             of the opaque ``dbllm::db_linear``.
+        fuse_siblings: fuse ``db_linear_gpu`` calls that read the same activation (``q/k/v_proj``,
+            ``gate/up_proj``) into one call on concatenated weights plus a slice per layer
+            (:mod:`.fusion`; same numbers, fewer kernel launches, the activation read once).
         inductor: lower the rewritten graph with Inductor (``compile_fx``); ``False`` runs it
             eagerly (debugging, fast tests).
         inductor_options: Inductor config patches (as ``torch.compile(options=...)`` takes for
@@ -91,6 +94,7 @@ class CompileOptions:
     artifact: str | None = None
     decompose_train: bool | str = "auto"
     gpu_op: bool = True
+    fuse_siblings: bool = True
     inductor: bool = True
     inductor_options: Mapping[str, Any] = field(default_factory=dict)
     strict: bool = False
@@ -118,7 +122,7 @@ class CompileOptions:
                 f"torch.compile backend 'dbllm': options['decompose_train'] must be True, False or "
                 f"'auto', got {self.decompose_train!r}"
             )
-        for name in ("keep_head", "gpu_op", "inductor", "strict", "int_activations"):
+        for name in ("keep_head", "gpu_op", "fuse_siblings", "inductor", "strict", "int_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"torch.compile backend 'dbllm': options[{name!r}] must be True or False, "

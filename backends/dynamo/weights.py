@@ -89,9 +89,12 @@ def quantized_weights(param: torch.Tensor, layout: str, config: DBLLMConfig, for
 
 
 def clear_weight_cache() -> None:
-    """Drop every cached quantized weight (compiled graphs keep the ones they use)."""
+    """Drop every cached quantized weight, per layer and fused (compiled graphs keep the ones they use)."""
+    from .fusion import clear_fused_cache
+
     with _lock:
         _cache.clear()
+    clear_fused_cache()
 
 
 def weight_cache_size() -> int:
