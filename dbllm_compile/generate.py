@@ -231,7 +231,7 @@ class StaticCacheGenerator:
                 done |= token.squeeze(-1) == eos_token_id
                 if bool(done.all()):
                     break
-            pos = positions[step:step + 1]
+            pos = positions[step:step + 1].clone()  # a fresh tensor: a view's storage offset would recompile on CPU
             logits = self._decode(self.model, token, cache, pos, self._extra)
             token = self._pick(logits, temperature, top_k, generator).clone()
             out.append(token)
