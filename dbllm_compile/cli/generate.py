@@ -81,7 +81,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dbllm_compile.backends.dynamo import stats
+    from dbllm_compile.backends.dynamo import reset_stats, stats
     from dbllm_compile.generate import StaticCacheGenerator
 
     model, tokenizer = load_for(args)
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = p0.device, p0.dtype
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     backend = None if args.backend == "eager" else args.backend
+    reset_stats()  # the report covers this command's graphs only (not earlier compiles in the process)
     gen = StaticCacheGenerator(
         model, max_cache_len=ids.shape[1] + args.max_new_tokens + 8, backend=backend,
         options=backend_options(args) if backend == "dbllm" else None,
