@@ -179,19 +179,14 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
 
 
 def _profile(step: Any, steps: int, device: torch.device, top: int = 25) -> list[dict[str, Any]]:
-    """The ``top`` ops with the most self device time (CPU time without a GPU) over ``steps`` calls
-    of ``step``, per step, as dicts (name, microseconds per step, calls per step)."""
-    from torch.profiler import ProfilerActivity, profile
+    """:func:`~dbllm_compile.profiling.top_ops` over ``steps`` calls of ``step``."""
+    from dbllm_compile.profiling import profiler, top_ops
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profiler(device) as prof:
         for _ in range(steps):
             step()
         _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
-    return [{"name": e.key[:120], "us_per_step": getattr(e, key, 0.0) / steps, "calls_per_step": e.count / steps}
-            for e in rows]
+    return top_ops(prof, device, steps, top)
 
 
 def greedy_match(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_tokens: int, init: str = "mse",

@@ -408,7 +408,8 @@ def test_profile_steps_logs_the_top_ops(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     prof = [r for r in recs if r.get("stage") == "e2e_profile"]
     assert len(prof) == 1 and prof[0]["first_step"] == 20 and prof[0]["steps"] == 2
-    top = prof[0]["top"]
-    assert top[0]["name"].startswith("(all ops") and len(top) > 5
-    assert any("mm" in r["name"] for r in top[1:])
-    assert top[0]["us_per_step"] >= max(r["us_per_step"] for r in top[1:]) > 0
+    top = prof[0]["top"]  # on CPU: ops by self CPU time, most expensive first ("(all kernels)" only on CUDA)
+    assert 5 < len(top) <= 30 and not any(r["name"].startswith("(all") for r in top)
+    assert any("mm" in r["name"] for r in top)
+    times = [r["us_per_step"] for r in top]
+    assert times == sorted(times, reverse=True) and times[0] > 0

@@ -32,8 +32,6 @@ keyed by the tensors they were built from, as :mod:`.weights` shares the per-lay
 from __future__ import annotations
 
 import re
-import threading
-import weakref
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -42,43 +40,33 @@ from torch import fx
 
 from dbllm_compile.ops import op_arguments
 from dbllm_compile.passes.linear_match import get_attr_value
+from dbllm_compile.tensor_cache import TensorCache
 
 from .diagnostics import GraphRecord
 from .lowering import _register_buffer
 
 __all__ = ["fuse_sibling_linears", "clear_fused_cache"]
 
-_cache: dict[tuple, tuple[tuple[weakref.ref, ...], torch.Tensor]] = {}
-_lock = threading.Lock()
+_cache = TensorCache()
 
 
 def clear_fused_cache() -> None:
     """Drop every cached concatenated weight (compiled graphs keep the ones they use)."""
-    with _lock:
-        _cache.clear()
-
-
-def _evict(key: tuple) -> None:
-    with _lock:
-        _cache.pop(key, None)
+    _cache.clear()
 
 
 @torch.no_grad()
 def _cat_rows(parts: Sequence[torch.Tensor | int], like: torch.Tensor) -> torch.Tensor:
     """``torch.cat`` along dim 0 of ``parts`` (an int ``n``: ``n`` zero rows shaped like ``like``).
 
-    Cached by the identity of the tensor parts, so graphs fusing the same layers share one copy.
+    Cached by the tensor parts, so graphs fusing the same layers share one copy.
     """
-    key = tuple(("zeros", p) if isinstance(p, int) else id(p) for p in parts) + (like.dtype, like.device)
     tensors = [p for p in parts if isinstance(p, torch.Tensor)]
-    entry = _cache.get(key)
-    if entry is not None and all(r() is t for r, t in zip(entry[0], tensors)):
-        return entry[1]
-    value = torch.cat([like.new_zeros(p, *like.shape[1:]) if isinstance(p, int) else p for p in parts])
-    with _lock:
-        _cache[key] = (tuple(weakref.ref(t) for t in tensors), value)
-    for t in tensors:
-        weakref.finalize(t, _evict, key)
+    layout = (tuple(p if isinstance(p, int) else None for p in parts), like.dtype, like.device)
+    value = _cache.get(tensors, layout)
+    if value is None:
+        value = _cache.put(tensors, torch.cat([like.new_zeros(p, *like.shape[1:]) if isinstance(p, int) else p
+                                              for p in parts]), layout)
     return value
 
 

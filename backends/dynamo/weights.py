@@ -21,8 +21,6 @@ Artifact hook: :func:`load_artifact_layers` is where ``options["artifact"]`` is 
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
@@ -33,16 +31,11 @@ from dbllm_compile.passes.quantize_linears import _init_layer
 from dbllm_compile.reference.dual_binary import check_weight
 from dbllm_compile.reference.linear import train_weight_reference
 from dbllm_compile.reference.packing import pack_planes
+from dbllm_compile.tensor_cache import TensorCache
 
 __all__ = ["quantized_weights", "clear_weight_cache", "weight_cache_size", "load_artifact_layers"]
 
-_cache: dict[tuple, Any] = {}
-_lock = threading.Lock()
-
-
-def _evict(key: tuple) -> None:
-    with _lock:
-        _cache.pop(key, None)
+_cache = TensorCache()
 
 
 @torch.no_grad()
@@ -63,13 +56,11 @@ def quantized_weights(param: torch.Tensor, layout: str, config: DBLLMConfig, for
     The bits are those :func:`dbllm_compile.quantize` followed by :func:`dbllm_compile.convert`
     give the same weight with the same config: same initialisation, same rounding of the scales.
     """
-    key = (id(param), layout, config.group_size, config.init, config.init_grid_points,
-           config.init_refine_iters, config.scale_dtype, config.codebook, form)
-    entry = _cache.get(key)
-    if entry is not None:
-        ref, version, value = entry
-        if ref() is param and version == param._version:
-            return value, True
+    key = (layout, config.group_size, config.init, config.init_grid_points, config.init_refine_iters,
+           config.scale_dtype, config.codebook, form)
+    cached = _cache.get((param,), key)
+    if cached is not None:
+        return cached, True
     packed, a1, a2, c = _quantize(param, layout, config, name)
     if form == "reference":
         value: Any = (packed, a1, a2) if c is None else (packed, a1, a2, c)
@@ -82,18 +73,14 @@ def quantized_weights(param: torch.Tensor, layout: str, config: DBLLMConfig, for
         in_features = param.shape[1] if layout == "nk" else param.shape[0]
         value = to_gpu_layout(packed, a1, a2, in_features, config.group_size, form)
         del packed
-    with _lock:
-        _cache[key] = (weakref.ref(param), param._version, value)
-    weakref.finalize(param, _evict, key)
-    return value, False
+    return _cache.put((param,), value, key), False
 
 
 def clear_weight_cache() -> None:
     """Drop every cached quantized weight, per layer and fused (compiled graphs keep the ones they use)."""
     from .fusion import clear_fused_cache
 
-    with _lock:
-        _cache.clear()
+    _cache.clear()
     clear_fused_cache()
 
 

@@ -33,19 +33,16 @@ sum counts exactly the real ones. Cost: one [M, K] reduction and one [M, n_group
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
 
 from dbllm_compile.reference.linear import add_offset_term, db_linear_packed_reference
+from dbllm_compile.tensor_cache import TensorCache
 
 from .layout import GpuWeights, supports_group_size, to_gpu_layout
 
 __all__ = ["db_linear_cuda", "kernel_with_offset", "prepare_cached", "clear_cache", "cache_size", "kernel_supported"]
 
-_cache: dict[tuple, tuple] = {}
-_cache_lock = threading.Lock()
+_cache = TensorCache()
 
 
 def kernel_supported(x: torch.Tensor, group_size: int) -> bool:
@@ -53,40 +50,24 @@ def kernel_supported(x: torch.Tensor, group_size: int) -> bool:
     return x.dtype in (torch.float16, torch.bfloat16) and supports_group_size(group_size)
 
 
-def _evict(key: tuple) -> None:
-    with _cache_lock:
-        _cache.pop(key, None)
-
-
 def prepare_cached(packed: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, in_features: int,
                    group_size: int, dtype: torch.dtype) -> GpuWeights:
     """The GPU-layout weights of this layer for ``dtype``, repacked on first use (see module doc)."""
-    key = (id(packed), id(a1), id(a2), dtype)
-    versions = (packed._version, a1._version, a2._version)
-    entry = _cache.get(key)
-    if entry is not None:
-        refs, vers, gw = entry
-        if all(r() is t for r, t in zip(refs, (packed, a1, a2))) and vers == versions:
-            return gw
+    gw = _cache.get((packed, a1, a2), dtype)
+    if gw is not None:
+        return gw
     if torch.cuda.is_available() and packed.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"db_linear (triton): layer with packed weight {tuple(packed.shape)} is first used inside "
             "CUDA graph capture; run one eager forward pass before capturing (the weight repack "
             "allocates memory that must outlive the graph)"
         )
-    gw = to_gpu_layout(packed, a1, a2, in_features, group_size, dtype)
-    refs = tuple(weakref.ref(t) for t in (packed, a1, a2))
-    with _cache_lock:
-        _cache[key] = (refs, versions, gw)
-    for t in (packed, a1, a2):
-        weakref.finalize(t, _evict, key)
-    return gw
+    return _cache.put((packed, a1, a2), to_gpu_layout(packed, a1, a2, in_features, group_size, dtype), dtype)
 
 
 def clear_cache() -> None:
     """Drop every prepared weight (the next call of each layer repacks)."""
-    with _cache_lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def cache_size() -> int:

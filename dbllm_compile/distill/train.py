@@ -21,6 +21,7 @@ import torch
 from dbllm_compile.api import DBLLMModel
 from dbllm_compile.distill.blocks import capture, extract_block
 from dbllm_compile.distill.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
+from dbllm_compile.profiling import profiler, top_ops
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
 from dbllm_compile.errors import ConfigError, DBLLMError
 from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP, op_arguments
@@ -539,28 +540,6 @@ def train_blocks(
 # ----------------------------------------------------------------------------- end to end
 
 
-def _start_profiler(device: torch.device) -> Any:
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    prof = profile(activities=acts)
-    prof.__enter__()
-    return prof
-
-
-def _stop_profiler(prof: Any, device: torch.device, steps: int, top: int = 30) -> list[dict[str, Any]]:
-    """The ``top`` ops by self device time (CPU time without a GPU), per step."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    prof.__exit__(None, None, None)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
-    total = sum(getattr(e, key, 0.0) for e in prof.key_averages())
-    out = [{"name": "(all ops, self time)", "us_per_step": total / steps, "calls_per_step": 0.0}]
-    return out + [{"name": e.key[:120], "us_per_step": getattr(e, key, 0.0) / steps, "calls_per_step": e.count / steps}
-                  for e in rows]
-
-
 def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
 
@@ -614,7 +593,8 @@ def train_end_to_end(
     prof = None
     for step in range(step0, cfg.steps):
         if step == prof_first and prof_last > prof_first:
-            prof = _start_profiler(device)
+            prof = profiler(device)
+            prof.__enter__()
         ids = data[_batch_indices(step, cfg.batch_size, data.shape[0], cfg.seed)].to(device)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(step, cfg.steps, cfg.warmup)
@@ -644,8 +624,11 @@ def train_end_to_end(
         bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}))
         del t_logits, s_logits, loss
         if prof is not None and step + 1 == prof_last:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            prof.__exit__(None, None, None)
             metrics.log(stage="e2e_profile", first_step=prof_first, steps=prof_last - prof_first,
-                        top=_stop_profiler(prof, device, prof_last - prof_first))
+                        top=top_ops(prof, device, prof_last - prof_first, top=30))
             prof = None
         due = (step + 1) % cfg.checkpoint_every == 0 and time.perf_counter() - t_ckpt >= cfg.checkpoint_seconds
         if checkpoint and (due or step + 1 == cfg.steps):
