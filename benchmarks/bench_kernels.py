@@ -253,6 +253,17 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
             best = min(timed, key=timed.get)
             r["unsplit_config"] = best.short()
             r["unsplit_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
+    if m == 1:  # the best tensor-core and the best gemv configuration, each on the same stack
+        for kind, key in (("fused", "tc"), ("gemv", "gemv")):
+            timed = {c: cand[c.short()] for c in tuning.candidates(m, n, k, G, dtype=dtype)
+                     if c.kind == kind and not math.isnan(cand.get(c.short(), math.nan))}
+            if timed:
+                best = min(timed, key=timed.get)
+                r[f"{key}_config"] = best.short()
+                r[f"{key}_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
+                y = run_config(x, layers[0], None, best).float()
+                ref = F.linear(x.float(), dequantize_gpu_layout(layers[0]).float())
+                r[f"{key}_rel_err"] = ((y - ref).norm() / ref.norm()).item()
     if a4 and m >= 16:
         bench_a4(r, x, layers, lq)
     if dequant_only and m > 16:
@@ -362,7 +373,9 @@ def main() -> None:
             print(f"N={n:6d} K={k:6d} M={m:5d}  cuBLAS {r['cublas_us']:9.1f} us  ours {r['ours_us']:9.1f} us "
                   f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"
                   f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else "")
-                  + (f"  unsplit {r['unsplit_us']:.1f} us ({r['unsplit_config']})" if "unsplit_us" in r else ""),
+                  + (f"  unsplit {r['unsplit_us']:.1f} us ({r['unsplit_config']})" if "unsplit_us" in r else "")
+                  + "".join(f"  {key} {r[key + '_us']:.1f} us ({r[key + '_config']})" for key in ("tc", "gemv")
+                            if key + "_us" in r),
                   flush=True)
             for name in ("a4_exact", "a4_int_levels", "a4_row", "a4_row_dense"):
                 if f"{name}_us" in r:

@@ -130,7 +130,7 @@ def test_tuning_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("DBLLM_TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_memory", None)
     cfg = KernelConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
-    tuning._store(DEVICE, tuning.cache_key(torch.float16, 4096, 4096, 64, 1), cfg)
+    tuning._store(DEVICE, tuning.cache_key(torch.float16, 4096, 4096, 64, 2), cfg)
     monkeypatch.setattr(tuning, "_memory", None)  # a new process
     assert tuning.lookup(DEVICE, torch.float16, 9, 4096, 4096, 64) == cfg  # same M bucket (16)
     assert tuning.lookup(DEVICE, torch.float16, 17, 4096, 4096, 64) is None

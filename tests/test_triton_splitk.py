@@ -71,9 +71,12 @@ def test_default_split_k_follows_the_sm_count_and_split_length():
 @pytest.mark.parametrize("nk", list(BENCH_SHAPES), ids=[f"{n}x{k}" for n, k in BENCH_SHAPES])
 def test_decode_candidates(nk):
     n, k = nk
-    cands = tuning.candidates(1, n, k, 64, sms=132)
-    assert cands == tuning.candidates(16, n, k, 64, sms=132)
-    names = [c.short() for c in cands]
+    cands = tuning.candidates(16, n, k, 64, sms=132)
+    assert cands == tuning.candidates(1, n, k, 64, sms=132, dtype=torch.bfloat16)  # gemv: fp16, M = 1 only
+    m1 = tuning.candidates(1, n, k, 64, sms=132)
+    assert m1[:len(cands)] == cands and {c.kind for c in m1[len(cands):]} == {"gemv"}
+    assert any(c.split_k > 1 for c in m1[len(cands):])
+    names = [c.short() for c in m1]
     assert len(set(names)) == len(names) and len(cands) <= 12
     split = [c for c in cands if c.split_k > 1]
     assert split, "every benchmark shape gets split-K candidates"
@@ -111,7 +114,7 @@ def test_config_names_round_trip_and_old_names_parse():
 def test_bad_configs_name_the_config_and_the_fix():
     with pytest.raises(ValueError, match=r"m16n64k512g1w4s3sk0: split_k must be an int >= 1"):
         KernelConfig(split_k=0)
-    with pytest.raises(ValueError, match=r"dequant32x512w4\+cublas: split_k=2 applies to the fused kernel only"):
+    with pytest.raises(ValueError, match=r"dequant32x512w4\+cublas: split_k=2 applies to the fused and gemv kernels only"):
         KernelConfig(kind="dequant", block_n=32, split_k=2)
     packed, a1, a2, _, _ = make_layer(8, 256, 64)
     gw = dbt.to_gpu_layout(packed, a1, a2, 256, 64, torch.float16)
@@ -132,7 +135,7 @@ def test_cache_reads_version_1_as_split_1_and_writes_version_2(tmp_path, monkeyp
     assert tuning.lookup(DEVICE, torch.float16, 1, 4096, 4096, 64) == KernelConfig(block_n=64, block_k=256,
                                                                                    num_stages=4)
     split = KernelConfig(block_n=64, block_k=256, num_stages=4, split_k=4)
-    key_new = tuning.cache_key(torch.float16, 8192, 8192, 64, 1)
+    key_new = tuning.cache_key(torch.float16, 8192, 8192, 64, 16)
     tuning._store(DEVICE, key_new, split)
     doc = json.loads(path.read_text())
     assert doc["version"] == 2 and set(doc["configs"]) == {key_old, key_new}  # migrated, bad entry dropped
@@ -141,7 +144,7 @@ def test_cache_reads_version_1_as_split_1_and_writes_version_2(tmp_path, monkeyp
     assert tuning.lookup(DEVICE, torch.float16, 3, 8192, 8192, 64) == split
     path.write_text(json.dumps({"version": 99, "configs": {key_new: {"anything": 1}}}))
     monkeypatch.setattr(tuning, "_memory", None)
-    assert tuning.lookup(DEVICE, torch.float16, 1, 8192, 8192, 64) is None  # unknown version: tune again
+    assert tuning.lookup(DEVICE, torch.float16, 16, 8192, 8192, 64) is None  # unknown version: tune again
 
 
 # ---------------------------------------------------------------- kernels (interpreter on CPU)

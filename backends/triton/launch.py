@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .layout import K_ALIGN, GpuWeights
 
-__all__ = ["KernelConfig", "interpreted", "launch_matmul", "launch_dequant", "run_config", "config_fits",
+__all__ = ["KernelConfig", "interpreted", "launch_matmul", "launch_gemv", "gemv_applies", "launch_dequant", "run_config", "config_fits",
            "check_config"]
 
 
@@ -36,13 +36,16 @@ class KernelConfig:
     ``chunk_n > 0`` does it ``chunk_n`` output rows at a time (dense chunk sized to stay in L2
     until cuBLAS reads it; each chunk's product is written straight into a column slice of the
     output, which cuBLAS takes with leading dimension N, no copy).
-    ``split_k > 1`` (fused only): K is cut into up to ``split_k`` ranges of whole ``block_k``
+    ``kind="gemv"``: :func:`~.gemv.db_gemv_kernel` (batch 1, fp16, no tensor cores) with
+    ``block_n x block_k`` tiles; ``block_m``/``group_tiles``/``swap``/``chunk_n`` unused. For
+    other dtypes, odd K or unaligned rows of x it runs the fused kernel's untuned default.
+    ``split_k > 1`` (fused and gemv): K is cut into up to ``split_k`` ranges of whole ``block_k``
     tiles, one program per output tile and range, float32 partials summed by a second kernel
     (:mod:`.splitk`). ``1`` is the single-kernel path.
 
     Names (:meth:`short`, :meth:`parse`): ``m16n64k256g1w4s4`` (``m`` block_m, ``n`` block_n,
     ``k`` block_k, ``g`` group_tiles, ``w`` num_warps, ``s`` num_stages), ``x`` appended for
-    ``swap``, ``sk4`` for ``split_k=4``; ``dequant32x512w4c1024+cublas`` for the dequant kind.
+    ``swap``, ``sk4`` for ``split_k=4``; ``dequant32x512w4c1024+cublas`` for the dequant kind, ``gemv64x256w4s4sk2`` for gemv.
     """
 
     kind: str = "fused"
@@ -57,14 +60,15 @@ class KernelConfig:
     split_k: int = 1
 
     def __post_init__(self):
-        if self.kind not in ("fused", "dequant"):
-            raise ValueError(f"kernel config {self.short()}: kind must be 'fused' or 'dequant', got {self.kind!r}")
+        if self.kind not in ("fused", "dequant", "gemv"):
+            raise ValueError(f"kernel config {self.short()}: kind must be 'fused', 'dequant' or 'gemv', "
+                             f"got {self.kind!r}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"kernel config {self.short()}: split_k must be an int >= 1 (1 = no split), "
                              f"got {self.split_k!r}")
-        if self.split_k > 1 and self.kind != "fused":
-            raise ValueError(f"kernel config {self.short()}: split_k={self.split_k} applies to the fused kernel "
-                             "only; use split_k=1 with kind='dequant'")
+        if self.split_k > 1 and self.kind == "dequant":
+            raise ValueError(f"kernel config {self.short()}: split_k={self.split_k} applies to the fused and gemv "
+                             "kernels only; use split_k=1 with kind='dequant'")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,6 +86,8 @@ class KernelConfig:
             chunk = f"c{self.chunk_n}" if self.chunk_n else ""
             return f"dequant{self.block_n}x{self.block_k}w{self.num_warps}{chunk}+cublas"
         split = f"sk{self.split_k}" if self.split_k != 1 else ""
+        if self.kind == "gemv":
+            return f"gemv{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}" + split
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_tiles}"
                 f"w{self.num_warps}s{self.num_stages}" + ("x" if self.swap else "") + split)
 
@@ -93,16 +99,22 @@ class KernelConfig:
             bm, bn, bk, gt, w, st, swap, sk = m.groups()
             return KernelConfig(block_m=int(bm), block_n=int(bn), block_k=int(bk), group_tiles=int(gt),
                                 swap=bool(swap), num_warps=int(w), num_stages=int(st), split_k=int(sk or 1))
+        m = _GEMV_NAME.fullmatch(name)
+        if m:
+            bn, bk, w, st, sk = m.groups()
+            return KernelConfig(kind="gemv", block_n=int(bn), block_k=int(bk), num_warps=int(w),
+                                num_stages=int(st), split_k=int(sk or 1))
         m = _DEQUANT_NAME.fullmatch(name)
         if m:
             bn, bk, w, chunk = m.groups()
             return KernelConfig(kind="dequant", block_n=int(bn), block_k=int(bk), num_warps=int(w),
                                 chunk_n=int(chunk or 0))
         raise ValueError(f"not a kernel config name: {name!r} (expected e.g. 'm16n64k256g1w4s4', "
-                         "'m16n64k256g1w4s4sk4' or 'dequant32x512w4+cublas')")
+                         "'m16n64k256g1w4s4sk4', 'gemv64x256w4s4' or 'dequant32x512w4+cublas')")
 
 
 _FUSED_NAME = re.compile(r"m(\d+)n(\d+)k(\d+)g(\d+)w(\d+)s(\d+)(x?)(?:sk(\d+))?")
+_GEMV_NAME = re.compile(r"gemv(\d+)x(\d+)w(\d+)s(\d+)(?:sk(\d+))?")
 _DEQUANT_NAME = re.compile(r"dequant(\d+)x(\d+)w(\d+)(?:c(\d+))?\+cublas")
 
 
@@ -182,6 +194,59 @@ def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, c
     return out
 
 
+def gemv_applies(x2: torch.Tensor) -> bool:
+    """Whether the gemv kernel can read ``x2 [M, K]``: fp16, even K, rows 4-byte aligned, unit stride."""
+    k = x2.shape[-1]
+    return (x2.dtype == torch.float16 and k % 2 == 0 and x2.stride(-1) == 1
+            and (x2.shape[0] <= 1 or x2.stride(0) % 2 == 0) and x2.data_ptr() % 4 == 0)
+
+
+def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
+                wrap: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 [M, K] -> [M, N]`` with :func:`~.gemv.db_gemv_kernel` (one grid row per row of x).
+
+    Activations the kernel cannot read (:func:`gemv_applies`: bf16, odd K, unaligned rows) run
+    the fused kernel's untuned default instead, so a cached gemv choice never fails a call.
+    """
+    from .gemv import db_gemv_kernel
+    from .splitk import launch_reduce, split_plan
+    from .tuning import default_config
+
+    _check_x(x2, gw)
+    if cfg.kind != "gemv":
+        raise ValueError(f"db_linear (triton): launch_gemv runs gemv configs, got {cfg.short()}; use run_config")
+    check_config(cfg, gw.group_size)
+    m, k = x2.shape
+    n = gw.out_features
+    if not gemv_applies(x2):
+        return launch_matmul(x2, gw, bias, default_config(m, n, k, gw.group_size), wrap, out)
+    if out is None:
+        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    elif out.shape != (m, n) or out.dtype != x2.dtype or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"db_linear (triton): out must be [{m}, {n}] {x2.dtype} with unit stride along N, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    if m == 0:
+        return out
+    if bias is not None and bias.dtype != x2.dtype:
+        bias = bias.to(x2.dtype)
+    per_split, splits = split_plan(k, cfg.block_k, cfg.split_k)
+    dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x2.device)
+    if m == 1 and x2.stride(0) % 2:
+        x2 = x2.as_strided((1, k), (k, 1))  # the row stride of a single row is never used
+    xp = x2.view(torch.int32)  # fp16 pairs
+    _kernel(db_gemv_kernel, wrap)[(triton_cdiv(n, cfg.block_n), splits, m)](
+        xp, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
+        m, n, k, per_split if splits > 1 else 1,
+        xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
+        GROUP=gw.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=(k % cfg.block_k == 0),
+        HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
+        SPLIT_K=1 if splits == 1 else cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        launch_reduce(dst, bias, out, wrap)
+    return out
+
+
 def launch_dequant(gw: GpuWeights, dtype: torch.dtype, cfg: KernelConfig | None = None,
                    wrap: bool = False) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype`` (must be the dtype the scales were prepared for)."""
@@ -221,6 +286,8 @@ def run_config(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg:
             else:
                 torch.addmm(b[r0:r1], x2, w.t(), out=out[:, r0:r1])
         return out
+    if cfg.kind == "gemv":
+        return launch_gemv(x2, gw, bias, cfg, wrap)
     return launch_matmul(x2, gw, bias, cfg, wrap)
 
 

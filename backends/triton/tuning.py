@@ -50,7 +50,10 @@ _memory: dict[str, dict] | None = None  # key -> config json, as loaded from / w
 
 
 def m_bucket(m: int) -> int:
-    """``max(16, next power of two >= m)``, capped at 8192."""
+    """1 for ``m == 1`` (batch-1 decode has its own choice: the gemv kernel is tried there only),
+    else ``max(16, next power of two >= m)``, capped at 8192."""
+    if m == 1:
+        return 1
     b = 16
     while b < m and b < 8192:
         b *= 2
@@ -133,10 +136,19 @@ _DECODE = [(32, 256, 2, 6), (64, 128, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3), (
 # n64 and a narrower, shorter tile instead of n128 (which would only remove programs).
 _SPLIT_BASES = [(64, 256, 4, 4), (128, 256, 4, 4)]
 _SMALL_SPLIT_BASES = [(64, 256, 4, 4), (32, 128, 2, 4)]
+# Batch 1, fp16: the gemv kernel (:mod:`.gemv`), (BLOCK_N, BLOCK_K, warps, stages), without split,
+# and split-K versions of the first two. Not yet timed on a GPU when these were chosen.
+_GEMV = [(64, 256, 4, 3), (128, 256, 4, 3), (32, 512, 4, 3), (64, 512, 4, 3), (128, 512, 8, 3)]
+_GEMV_SPLIT_BASES = [(64, 256, 4, 3), (128, 256, 4, 3)]
 
 
-def candidates(m: int, n: int, k: int, g: int, sms: int | None = None) -> list[KernelConfig]:
+def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
+               dtype: torch.dtype | None = None) -> list[KernelConfig]:
     """Configurations tried for this shape (filtered to those valid for ``g``).
+
+    ``m == 1`` with ``dtype`` fp16 (or not given) adds the gemv kernel's configurations
+    (``_GEMV``, and split-K versions of ``_GEMV_SPLIT_BASES`` by the same rule as below), unless
+    ``DBLLM_TRITON_GEMV=0`` (for before/after timings).
 
     Decode (``m <= 16``): the block configurations of ``_DECODE`` without split, then split-K
     versions of ``_SPLIT_BASES`` (``_SMALL_SPLIT_BASES`` for layers whose ``N/64 x K/256``
@@ -153,6 +165,11 @@ def candidates(m: int, n: int, k: int, g: int, sms: int | None = None) -> list[K
         for bn, bk, w, s in _SMALL_SPLIT_BASES if small else _SPLIT_BASES:
             if bk % g == 0:
                 c += [F(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
+                      for sk in split_options(n, k, bn, bk, sms)]
+        if m == 1 and dtype in (None, torch.float16) and os.environ.get("DBLLM_TRITON_GEMV", "1") != "0":
+            c += [F(kind="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in _GEMV]
+            for bn, bk, w, s in _GEMV_SPLIT_BASES:
+                c += [F(kind="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
                       for sk in split_options(n, k, bn, bk, sms)]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
@@ -229,7 +246,7 @@ def tune(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, reps: int 
     results: dict[str, float] = {}
     best, best_ms = None, float("inf")
     sms = sm_count(x2.device)
-    cands = candidates(m, n, k, g, sms)
+    cands = candidates(m, n, k, g, sms, x2.dtype)
     for cfg in cands:
         try:
             run_config(x2, gw, bias, cfg)  # compile + warm up

@@ -1,0 +1,172 @@
+"""Batch-1 kernel of the packed dual-binary linear without tensor cores (fp16 activations).
+
+At M = 1 the tensor-core kernel (:func:`~.kernels.db_matmul_kernel`) decodes every weight into
+the register layout of ``wgmma``'s A operand: the code words go through shared memory to reach
+that layout, each lane of a quad reads every word, and the MMA pads the single row of ``x`` to
+16. It streams 23-50% of the copy bandwidth at M = 1 (``docs/kernels.md``). This kernel is the
+plain matrix-vector form instead: each thread reads whole code words of its rows straight from
+global memory and, per word (16 weights), runs one inline-PTX block:
+
+    for each lane position q of the layout (shift sh(q) in {0, 2, 16, 18}):
+        sel = (word >> sh(q)) & 0x3333                  # codes of elements 2q, 2q+1, 8+2q, 9+2q
+        lo = prmt(lut_lo, sel); hi = prmt(lut_hi, sel)   # table lookup of the four levels
+        p0 = prmt(lo, hi, 0x5140); p1 = prmt(lo, hi, 0x7362)  # two fp16 pairs of weights
+        acc = fma.f16x2(p0, x pair q, acc); acc = fma.f16x2(p1, x pair 4+q, acc)
+    partial = float(acc.lo) + float(acc.hi)
+
+35 instructions per 16 weights (2.2 per weight), no shared memory, no barrier. ``x`` is read as
+fp16 pairs (``int32``), the eight pairs of a word broadcast over the rows a thread holds. The
+word's 16 products are summed in fp16 (two halves of eight), the partial in float32 from there
+on: per element of ``y`` the extra rounding is that of 16 fp16 additions, about 7e-4 relative
+to ``|y|`` for random data (the tensor-core kernel: 2e-4, its final rounding only); the tests
+hold it to the same 2-ulp tolerance as the other kernels.
+
+fp16 only: ``fma.rn.bf16x2`` would sum in bf16 (2^-8), too coarse; bf16 keeps the tensor-core
+kernel. ``x`` must have an even K and 4-byte aligned rows (the launcher checks, and runs the
+tensor-core kernel otherwise). Rows of ``x`` (M > 1) are a grid axis: each re-decodes the
+weights, so only M = 1 gets this kernel from the tuner. ``SPLIT_K > 1`` as in the tensor-core
+kernel: a float32 partial per split, summed by :func:`~.splitk.splitk_reduce_kernel`.
+
+Under the Triton interpreter (no inline asm) the same table lookup runs with integer ops and
+the products are summed in float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kernels import _group_luts, _lookup
+
+__all__ = ["db_gemv_kernel"]
+
+_WORD_DOT_ASM = tl.constexpr(
+    "{ .reg .b32 s, a, b, p, r, acc; .reg .b16 h0, h1; .reg .f32 f0, f1; "
+    # q = 0: elements 0, 1, 8, 9 -> x pairs 0 ($4) and 4 ($8)
+    "and.b32 s, $1, 0x3333; prmt.b32 a, $2, $2, s; prmt.b32 b, $3, $3, s; "
+    "prmt.b32 p, a, b, 0x5140; prmt.b32 r, a, b, 0x7362; "
+    "mul.rn.f16x2 acc, p, $4; fma.rn.f16x2 acc, r, $8, acc; "
+    # q = 1: elements 2, 3, 10, 11 -> x pairs 1 ($5) and 5 ($9)
+    "shr.b32 s, $1, 2; and.b32 s, s, 0x3333; prmt.b32 a, $2, $2, s; prmt.b32 b, $3, $3, s; "
+    "prmt.b32 p, a, b, 0x5140; prmt.b32 r, a, b, 0x7362; "
+    "fma.rn.f16x2 acc, p, $5, acc; fma.rn.f16x2 acc, r, $9, acc; "
+    # q = 2: elements 4, 5, 12, 13 -> x pairs 2 ($6) and 6 ($10)
+    "shr.b32 s, $1, 16; and.b32 s, s, 0x3333; prmt.b32 a, $2, $2, s; prmt.b32 b, $3, $3, s; "
+    "prmt.b32 p, a, b, 0x5140; prmt.b32 r, a, b, 0x7362; "
+    "fma.rn.f16x2 acc, p, $6, acc; fma.rn.f16x2 acc, r, $10, acc; "
+    # q = 3: elements 6, 7, 14, 15 -> x pairs 3 ($7) and 7 ($11)
+    "shr.b32 s, $1, 18; and.b32 s, s, 0x3333; prmt.b32 a, $2, $2, s; prmt.b32 b, $3, $3, s; "
+    "prmt.b32 p, a, b, 0x5140; prmt.b32 r, a, b, 0x7362; "
+    "fma.rn.f16x2 acc, p, $7, acc; fma.rn.f16x2 acc, r, $11, acc; "
+    "mov.b32 {h0, h1}, acc; cvt.f32.f16 f0, h0; cvt.f32.f16 f1, h1; add.f32 $0, f0, f1; }"
+)  # a constexpr: jitted functions may read constexpr globals only
+
+
+@triton.jit
+def _word_dot(w, lut_lo, lut_hi, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM: tl.constexpr):
+    """Per code word: ``sum_e weight(e) * x[e]`` over its 16 elements, float32.
+
+    ``x0..x7``: the word's eight fp16 pairs of ``x`` as ``int32`` (pair j = elements 2j, 2j+1).
+    """
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            _WORD_DOT_ASM, "=f,r,r,r,r,r,r,r,r,r,r,r",
+            [w, lut_lo, lut_hi, x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        acc = _quad_dot(w, 0, lut_lo, lut_hi, x0, x4)
+        acc += _quad_dot(w, 2, lut_lo, lut_hi, x1, x5)
+        acc += _quad_dot(w, 16, lut_lo, lut_hi, x2, x6)
+        acc += _quad_dot(w, 18, lut_lo, lut_hi, x3, x7)
+        return acc
+
+
+@triton.jit
+def _quad_dot(w, SH: tl.constexpr, lut_lo, lut_hi, xa, xb):
+    """Interpreter path: the four elements of lane position q (shift ``SH``) times their x, float32."""
+    sel = (w >> SH) & 0x3333
+    w00, w01, w10, w11 = _lookup(sel, lut_lo, lut_hi, False, False)
+    return (w00.to(tl.float32) * _half(xa, 0) + w01.to(tl.float32) * _half(xa, 1)
+            + w10.to(tl.float32) * _half(xb, 0) + w11.to(tl.float32) * _half(xb, 1))
+
+
+@triton.jit
+def _half(pair, HI: tl.constexpr):
+    """fp16 number ``HI`` (0 = low half) of an ``int32`` fp16 pair, as float32."""
+    return ((pair >> (16 * HI)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def db_gemv_kernel(
+    x_ptr,  # int32 view of fp16 activations [M, K/2] (fp16 pairs; row stride stride_xm pairs)
+    qw_ptr,  # int32 [N, K_alloc/16] GPU-layout codes (row stride stride_qn words)
+    sc_ptr,  # fp16 [N, K_alloc/G, 2] scales (row stride stride_sn)
+    bias_ptr,  # [N] or dummy
+    out_ptr,  # [M, N] fp16 (row stride stride_om); with SPLIT_K > 1 a float32 workspace [splits, M, N]
+    M, N, K,
+    TILES_PER_SPLIT,
+    stride_xm, stride_qn, stride_sn, stride_om,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+):
+    """``out[m, n-block]`` for one row ``m = program_id(2)`` of x; grid ``(cdiv(N, BLOCK_N), splits, M)``."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(2).to(tl.int64)
+    NGT: tl.constexpr = BLOCK_K // GROUP
+    WPG: tl.constexpr = GROUP // 16
+    NW: tl.constexpr = BLOCK_K // 16
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_n = tl.minimum(offs_n, N - 1)  # clamped: loads need no mask, the store is masked
+    grp = tl.arange(0, NGT)[None, :, None]
+    wig = tl.arange(0, WPG)[None, None, :]
+    word = grp * WPG + wig  # [1, NGT, WPG] word index within the tile
+    qw_ptrs = qw_ptr + rows_n[:, None, None].to(tl.int64) * stride_qn + word
+    sc_ptrs = sc_ptr + rows_n[:, None].to(tl.int64) * stride_sn + tl.arange(0, NGT)[None, :] * 2
+    x_ptrs = x_ptr + m * stride_xm + word * 8  # pair 0 of each word; pair j at + j
+    k_pairs = K // 2
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = tl.cdiv(K, BLOCK_K)
+    else:
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * TILES_PER_SPLIT
+        k_hi = tl.minimum(k_lo + TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+        qw_ptrs += k_lo * NW
+        sc_ptrs += k_lo * (NGT * 2)
+        x_ptrs += k_lo * (BLOCK_K // 2)
+        out_ptr += pid_k.to(tl.int64) * M * N
+
+    acc = tl.zeros((BLOCK_N, NGT, WPG), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi):
+        words = tl.load(qw_ptrs)
+        a1 = tl.load(sc_ptrs)
+        a2 = tl.load(sc_ptrs + 1)
+        lut_lo, lut_hi = _group_luts(a1, a2, False, USE_ASM)
+        if EVEN_K:
+            x0 = tl.load(x_ptrs)
+            x1 = tl.load(x_ptrs + 1)
+            x2 = tl.load(x_ptrs + 2)
+            x3 = tl.load(x_ptrs + 3)
+            x4 = tl.load(x_ptrs + 4)
+            x5 = tl.load(x_ptrs + 5)
+            x6 = tl.load(x_ptrs + 6)
+            x7 = tl.load(x_ptrs + 7)
+        else:
+            p0 = k0 * (BLOCK_K // 2) + word * 8  # pair index of pair 0 of each word
+            x0 = tl.load(x_ptrs, mask=p0 < k_pairs, other=0)
+            x1 = tl.load(x_ptrs + 1, mask=p0 + 1 < k_pairs, other=0)
+            x2 = tl.load(x_ptrs + 2, mask=p0 + 2 < k_pairs, other=0)
+            x3 = tl.load(x_ptrs + 3, mask=p0 + 3 < k_pairs, other=0)
+            x4 = tl.load(x_ptrs + 4, mask=p0 + 4 < k_pairs, other=0)
+            x5 = tl.load(x_ptrs + 5, mask=p0 + 5 < k_pairs, other=0)
+            x6 = tl.load(x_ptrs + 6, mask=p0 + 6 < k_pairs, other=0)
+            x7 = tl.load(x_ptrs + 7, mask=p0 + 7 < k_pairs, other=0)
+        acc += _word_dot(words, lut_lo[:, :, None], lut_hi[:, :, None], x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)
+        qw_ptrs += NW
+        sc_ptrs += NGT * 2
+        x_ptrs += BLOCK_K // 2
+
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows_n).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
