@@ -96,6 +96,36 @@ def _half(pair, HI: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, k0, k_hi, k_pairs, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Code words, scales and the eight x pairs of each word of K tile ``k0`` (nothing read unless ``k0 < k_hi``)."""
+    ok = (word * 0 + k0) < k_hi  # [1, NGT, WPG] (a tensor: the interpreter rejects scalar masks)
+    words = tl.load(qw_ptrs, mask=ok, other=0)
+    ok_g = (tl.reshape(tl.sum(word, axis=2), (word.shape[1],))[None, :] * 0 + k0) < k_hi  # [1, NGT]
+    a1 = tl.load(sc_ptrs, mask=ok_g, other=0.0)
+    a2 = tl.load(sc_ptrs + 1, mask=ok_g, other=0.0)
+    if EVEN_K:
+        x0 = tl.load(x_ptrs, mask=ok, other=0)
+        x1 = tl.load(x_ptrs + 1, mask=ok, other=0)
+        x2 = tl.load(x_ptrs + 2, mask=ok, other=0)
+        x3 = tl.load(x_ptrs + 3, mask=ok, other=0)
+        x4 = tl.load(x_ptrs + 4, mask=ok, other=0)
+        x5 = tl.load(x_ptrs + 5, mask=ok, other=0)
+        x6 = tl.load(x_ptrs + 6, mask=ok, other=0)
+        x7 = tl.load(x_ptrs + 7, mask=ok, other=0)
+    else:  # pairs past K (its last word may be partly past it) are not read: 0 * garbage could be NaN
+        p0 = k0 * (BLOCK_K // 2) + word * 8
+        x0 = tl.load(x_ptrs, mask=ok & (p0 < k_pairs), other=0)
+        x1 = tl.load(x_ptrs + 1, mask=ok & (p0 + 1 < k_pairs), other=0)
+        x2 = tl.load(x_ptrs + 2, mask=ok & (p0 + 2 < k_pairs), other=0)
+        x3 = tl.load(x_ptrs + 3, mask=ok & (p0 + 3 < k_pairs), other=0)
+        x4 = tl.load(x_ptrs + 4, mask=ok & (p0 + 4 < k_pairs), other=0)
+        x5 = tl.load(x_ptrs + 5, mask=ok & (p0 + 5 < k_pairs), other=0)
+        x6 = tl.load(x_ptrs + 6, mask=ok & (p0 + 6 < k_pairs), other=0)
+        x7 = tl.load(x_ptrs + 7, mask=ok & (p0 + 7 < k_pairs), other=0)
+    return words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def db_gemv_kernel(
     x_ptr,  # int32 view of fp16 activations [M, K/2] (fp16 pairs; row stride stride_xm pairs)
     qw_ptr,  # int32 [N, K_alloc/16] GPU-layout codes (row stride stride_qn words)
@@ -136,34 +166,19 @@ def db_gemv_kernel(
         out_ptr += pid_k.to(tl.int64) * M * N
 
     acc = tl.zeros((BLOCK_N, NGT, WPG), dtype=tl.float32)
+    # software pipelining by hand (Triton pipelines loads that feed a dot only): the loads of
+    # tile k0 + 1 are issued before tile k0 is decoded; a tile past the split is not loaded
+    words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile(
+        qw_ptrs, sc_ptrs, x_ptrs, word, k_lo, k_hi, k_pairs, BLOCK_K, EVEN_K)
     for k0 in range(k_lo, k_hi):
-        words = tl.load(qw_ptrs)
-        a1 = tl.load(sc_ptrs)
-        a2 = tl.load(sc_ptrs + 1)
-        lut_lo, lut_hi = _group_luts(a1, a2, False, USE_ASM)
-        if EVEN_K:
-            x0 = tl.load(x_ptrs)
-            x1 = tl.load(x_ptrs + 1)
-            x2 = tl.load(x_ptrs + 2)
-            x3 = tl.load(x_ptrs + 3)
-            x4 = tl.load(x_ptrs + 4)
-            x5 = tl.load(x_ptrs + 5)
-            x6 = tl.load(x_ptrs + 6)
-            x7 = tl.load(x_ptrs + 7)
-        else:
-            p0 = k0 * (BLOCK_K // 2) + word * 8  # pair index of pair 0 of each word
-            x0 = tl.load(x_ptrs, mask=p0 < k_pairs, other=0)
-            x1 = tl.load(x_ptrs + 1, mask=p0 + 1 < k_pairs, other=0)
-            x2 = tl.load(x_ptrs + 2, mask=p0 + 2 < k_pairs, other=0)
-            x3 = tl.load(x_ptrs + 3, mask=p0 + 3 < k_pairs, other=0)
-            x4 = tl.load(x_ptrs + 4, mask=p0 + 4 < k_pairs, other=0)
-            x5 = tl.load(x_ptrs + 5, mask=p0 + 5 < k_pairs, other=0)
-            x6 = tl.load(x_ptrs + 6, mask=p0 + 6 < k_pairs, other=0)
-            x7 = tl.load(x_ptrs + 7, mask=p0 + 7 < k_pairs, other=0)
-        acc += _word_dot(words, lut_lo[:, :, None], lut_hi[:, :, None], x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)
         qw_ptrs += NW
         sc_ptrs += NGT * 2
         x_ptrs += BLOCK_K // 2
+        nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7 = _load_tile(
+            qw_ptrs, sc_ptrs, x_ptrs, word, k0 + 1, k_hi, k_pairs, BLOCK_K, EVEN_K)
+        lut_lo, lut_hi = _group_luts(a1, a2, False, USE_ASM)
+        acc += _word_dot(words, lut_lo[:, :, None], lut_hi[:, :, None], x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)
+        words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     n_ok = offs_n < N

@@ -198,7 +198,7 @@ def gemv_applies(x2: torch.Tensor) -> bool:
     """Whether the gemv kernel can read ``x2 [M, K]``: fp16, even K, rows 4-byte aligned, unit stride."""
     k = x2.shape[-1]
     return (x2.dtype == torch.float16 and k % 2 == 0 and x2.stride(-1) == 1
-            and (x2.shape[0] <= 1 or x2.stride(0) % 2 == 0) and x2.data_ptr() % 4 == 0)
+            and (x2.shape[0] <= 1 or x2.stride(0) % 2 == 0) and x2.storage_offset() % 2 == 0)  # storage: 4-byte aligned
 
 
 def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,

@@ -39,7 +39,7 @@ from dbllm_compile.reference.dual_binary import padded_in_features
 
 from .launch import KernelConfig, config_fits, interpreted, run_config
 from .layout import K_ALIGN, GpuWeights
-from .splitk import RESIDENT_PER_SM, default_split_k, sm_count, split_options
+from .splitk import RESIDENT_PER_SM, default_split_k, sm_count, split_options, split_plan
 
 __all__ = ["m_bucket", "cache_key", "candidates", "default_config", "lookup", "choose", "choose_traced", "cache_path"]
 
@@ -136,10 +136,13 @@ _DECODE = [(32, 256, 2, 6), (64, 128, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3), (
 # n64 and a narrower, shorter tile instead of n128 (which would only remove programs).
 _SPLIT_BASES = [(64, 256, 4, 4), (128, 256, 4, 4)]
 _SMALL_SPLIT_BASES = [(64, 256, 4, 4), (32, 128, 2, 4)]
-# Batch 1, fp16: the gemv kernel (:mod:`.gemv`), (BLOCK_N, BLOCK_K, warps, stages), without split,
-# and split-K versions of the first two. Not yet timed on a GPU when these were chosen.
-_GEMV = [(64, 256, 4, 3), (128, 256, 4, 3), (32, 512, 4, 3), (64, 512, 4, 3), (128, 512, 8, 3)]
-_GEMV_SPLIT_BASES = [(64, 256, 4, 3), (128, 256, 4, 3)]
+# Batch 1, fp16: the gemv kernel (:mod:`.gemv`), (BLOCK_N, BLOCK_K, warps, stages), each with
+# SPLIT_K 1, 2 and 4 where K has enough tiles. From a sweep on an H100 (2026-11-24,
+# benchmarks/sweep_gemv.py, 6 shapes, BLOCK_N 4-64, BLOCK_K 256-1024, 1-4 warps, splits 1-8):
+# one-warp programs of 4-16 rows x 512 features won on every shape; more rows per program
+# left too few warps per SM (Nsight: 10% achieved occupancy for 128 rows).
+_GEMV = [(4, 512, 1, 3), (8, 512, 1, 3), (16, 512, 1, 3)]
+_GEMV_SPLITS = (1, 2, 4)
 
 
 def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
@@ -147,7 +150,7 @@ def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
     """Configurations tried for this shape (filtered to those valid for ``g``).
 
     ``m == 1`` with ``dtype`` fp16 (or not given) adds the gemv kernel's configurations
-    (``_GEMV``, and split-K versions of ``_GEMV_SPLIT_BASES`` by the same rule as below), unless
+    (``_GEMV`` x ``_GEMV_SPLITS``, the splits that K's tiles allow), unless
     ``DBLLM_TRITON_GEMV=0`` (for before/after timings).
 
     Decode (``m <= 16``): the block configurations of ``_DECODE`` without split, then split-K
@@ -167,10 +170,8 @@ def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
                 c += [F(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
                       for sk in split_options(n, k, bn, bk, sms)]
         if m == 1 and dtype in (None, torch.float16) and os.environ.get("DBLLM_TRITON_GEMV", "1") != "0":
-            c += [F(kind="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in _GEMV]
-            for bn, bk, w, s in _GEMV_SPLIT_BASES:
-                c += [F(kind="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
-                      for sk in split_options(n, k, bn, bk, sms)]
+            c += [F(kind="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
+                  for bn, bk, w, s in _GEMV for sk in _GEMV_SPLITS if split_plan(k, bk, sk)[1] == sk]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
         c = [F(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
