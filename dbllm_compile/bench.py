@@ -112,8 +112,10 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
     ``profile_steps > 0``: also run that many steps under ``torch.profiler`` and store the 25
     kernels/ops with the most device time (self time, per step) as ``result[name]["profile"]``.
     ``fused_adamw``: AdamW with ``fused=True`` on CUDA, as the distillation stages use it.
-    ``bf16``: run the student's forward and the loss under bf16 autocast (the recipe runs float32
-    with TF32 matmuls; this measures what bf16 activations would buy, not their accuracy)."""
+    ``bf16``: run the student's forward and the loss under bf16 autocast, after removing the
+    exported graph's dtype assertions as ``DistillConfig(autocast="bf16")`` does (the recipe runs
+    float32 with TF32 matmuls by default; this measures what bf16 activations buy, not their
+    accuracy; ``result["dtype_assertions_removed"]`` per variant)."""
     import dbllm_compile as dc
     from dbllm_compile.distill.losses import LossSpec, distill_loss
 
@@ -136,6 +138,11 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
             continue
         student = dc.quantize(model, (ids,), dc.DBLLMConfig(init=init, rotation_block=rotation_block),
                               example_kwargs={"use_cache": False}, progress=False)
+        removed = None
+        if bf16:  # as the distillation stages do: before the student is compiled
+            from dbllm_compile.passes.dtype_assertions import strip_dtype_assertions
+
+            removed = strip_dtype_assertions(student.graph_module)
         scales = list(student.scale_parameters())
         latents = list(student.latent_parameters())
         before = torch.cat([s.detach().flatten() for s in scales]).clone()
@@ -165,6 +172,8 @@ def distill_step_speed(model: torch.nn.Module, *, batch: int, seq_len: int, step
         after = torch.cat([s.detach().flatten() for s in scales])
         out[name] = {"seconds_per_step": per_step, "first_step_s": first_s, "first_loss": first_loss,
                      "last_loss": losses[-1], "scales_changed_fraction": float((after != before).float().mean())}
+        if removed is not None:
+            out[name]["dtype_assertions_removed"] = removed
         if profile_steps > 0:
             out[name]["profile"] = _profile(step, profile_steps, device)
         if on_variant is not None:

@@ -389,3 +389,38 @@ DEPLOY_OP = torch.ops.dbllm.db_linear.default
 ACT_QUANT_TRAIN_OP = torch.ops.dbllm.act_quant_train.default
 ACT_QUANT_OP = torch.ops.dbllm.act_quant.default
 HADAMARD_OP = torch.ops.dbllm.hadamard.default
+
+
+# ----------------------------------------------------------------------------- autocast
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_autocast_lib = torch.library.Library("dbllm", "IMPL")  # lives as long as the module
+
+
+def _register_train_autocast(device_type: str, key: str) -> None:
+    """Autocast rule of ``db_linear_train`` on ``device_type``: cast the activation ``x`` only.
+
+    Under ``torch.autocast(device_type, dtype=D)`` a floating ``x`` (float64 excepted, as autocast
+    does for its own ops) is cast to ``D`` and the op runs with autocast off: ``y = x_D @
+    w_hat.to(D).T + bias`` in ``D``, like ``nn.Linear`` under autocast. The latent ``weight``,
+    ``a1``, ``a2`` and ``c`` are *not* cast: the bits and ``w_hat`` come from the float32 master
+    values (rounded to ``scale_dtype`` as always), and their gradients are float32
+    (:func:`_train_backward` accumulates ``dL/dw_hat`` in float32 and returns each gradient in its
+    parameter's dtype). ``dL/dx`` is computed in ``D`` and cast back to ``x``'s dtype by the
+    autograd of the cast. The fake kernel then sees ``x_D`` too, so compiled graphs agree with
+    eager ones on the output dtype (without this rule the op's ``F.linear`` was lowered by
+    autocast inside the op while its fake kernel said float32, and ``x`` was saved in float32).
+    """
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset: Any, x: torch.Tensor, *rest: Any, **kwargs: Any) -> torch.Tensor:
+        if x.is_floating_point() and x.dtype != torch.float64:
+            x = x.to(torch.get_autocast_dtype(device_type))
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return TRAIN_OP(x, *rest, **kwargs)
+
+    _autocast_lib.impl("db_linear_train", kernel, key, with_keyset=True)
+
+
+for _device_type, _key in _AUTOCAST_KEYS.items():
+    _register_train_autocast(_device_type, _key)

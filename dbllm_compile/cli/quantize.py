@@ -94,6 +94,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="compile the end-to-end step with torch.compile(backend='dbllm'); default: on with "
                         "--device cuda, off on CPU. On an H100 the compiled recipe ran at ~6 steps/s against "
                         "1.5 eager (docs/results.md section 3); the first step pays the compile (~4 min)")
+    d.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
+                   help="mixed precision of both distillation stages (DistillConfig.autocast): 'auto' (default) "
+                        "runs in the exported dtype (TF32 matmuls on CUDA); 'bf16' runs the student and the "
+                        "teacher under bf16 autocast after removing the exported graph's dtype assertions "
+                        "(scales, latent weights, AdamW state and the loss stay float32; not yet measured on a "
+                        "GPU, docs/distillation.md); 'none': the exported dtype, no TF32")
     d.add_argument("--profile-steps", type=int, default=0, metavar="N",
                    help="profile N end-to-end steps (from the 20th) and write the ops with the most device time to "
                         "the run's metrics.jsonl as an 'e2e_profile' record (default 0: off)")
@@ -300,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
                                     # a checkpoint holds latents + AdamW state (~1.6 GB for 135M, 2-4 s
                                     # on the H100 machines): at most one every 2 minutes
                                     checkpoint_every=25, checkpoint_seconds=120.0,
-                                    profile_steps=args.profile_steps,
+                                    profile_steps=args.profile_steps, autocast=args.autocast,
                                     compile=args.compile if args.compile is not None else device.type == "cuda")
     texts: dict[str, str] = {}
     extra_files: set[str] = set()
@@ -358,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
                     _evaluate_naive_a4(student, evaluate, rows)
 
             act_cfg = DistillConfig(steps=budget["act_steps"], batch_size=budget["batch_size"],
-                                    loss=distill_cfg.loss, seed=args.seed, compile=distill_cfg.compile)
+                                    loss=distill_cfg.loss, seed=args.seed, compile=distill_cfg.compile,
+                                    autocast=distill_cfg.autocast)
             with _stage(timings, "distill (weights, then activations)", console):
                 runs = distill_w2a4(qmodel, model, data.input_ids, distill_cfg, act_cfg, out_dir=run_dir,
                                     on_stage_end=on_stage_end, weights_from=args.weights_from)

@@ -25,6 +25,7 @@ from dbllm_compile.profiling import profiler, top_ops
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
 from dbllm_compile.errors import ConfigError, DBLLMError
 from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP, op_arguments
+from dbllm_compile.passes.dtype_assertions import strip_dtype_assertions
 
 __all__ = ["DistillConfig", "train_blocks", "train_end_to_end", "trainable_parameters"]
 
@@ -80,8 +81,11 @@ class DistillConfig:
         profile_steps: profile that many end-to-end steps (from the 20th step of the run, or the
             5th after a resume) with ``torch.profiler`` and log the ops with the most device time
             (self time, per step) as one ``{"stage": "e2e_profile", ...}`` metrics record.
-        autocast: ``"auto"`` (the exported dtype, TF32 matmuls on CUDA), ``"bf16"`` (autocast;
-            only for graphs without dtype assertions) or ``"none"``.
+        autocast: ``"auto"`` (the exported dtype, TF32 matmuls on CUDA; the graph is left as
+            exported), ``"bf16"`` (both stages run the student and the teacher under
+            ``torch.autocast(device, dtype=torch.bfloat16)``, on CUDA or CPU, after the exported
+            graph's dtype assertions are removed; see :func:`_autocast`) or ``"none"`` (the
+            exported dtype, no TF32 switch).
         compile: run the end-to-end student forward/backward through
             ``torch.compile(student, backend="dbllm")`` (training form through AOTAutograd and
             Inductor; see docs/compile.md).
@@ -146,18 +150,39 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
 
 
 def _autocast(device: torch.device, mode: str):
-    """Mixed precision for a stage.
+    """Mixed precision for a stage (``DistillConfig.autocast``).
 
-    The exported graph asserts the dtypes it was traced with (``_assert_tensor_metadata``), so
-    autocast cannot change them: ``"auto"`` runs in the exported dtype and only allows TF32
-    matmuls on CUDA. For bf16 training, export a bf16 model (``model.to(torch.bfloat16)``
-    before :func:`dbllm_compile.quantize`). ``"bf16"`` forces autocast for graphs exported
-    without dtype assertions.
+    ``"auto"``: the exported dtype, TF32 matmuls on CUDA. ``"none"``: the exported dtype.
+    ``"bf16"``: ``torch.autocast(device.type, dtype=torch.bfloat16)`` on any device that has it
+    (CUDA, and CPU when asked for explicitly). The exported graph asserts the dtypes it was traced
+    with (``aten._assert_tensor_metadata``), so a graph meant to run under it must go through
+    :func:`_strip_for_autocast` first (both stages do). Under it, the linears and attention run in
+    bfloat16 (``dbllm::db_linear_train`` casts its activation only: its latent weights and scales
+    stay float32 masters with float32 gradients, see :mod:`dbllm_compile.ops`); the losses are
+    computed outside it, in float32.
     """
     if device.type == "cuda" and mode == "auto":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
+def _strip_for_autocast(cfg: "DistillConfig", *models: Any) -> int | None:
+    """With ``cfg.autocast == "bf16"`` only: remove the dtype assertions
+    (:func:`~dbllm_compile.passes.dtype_assertions.strip_dtype_assertions`) from every
+    ``fx.GraphModule`` in ``models`` (a ``DBLLMModel``'s graph, a graph-module teacher, graph
+    modules nested in a module; other callables are left alone), in place and for good: they check
+    dtypes only, the values are the same. Returns how many were removed, ``None`` for the other
+    modes (nothing is touched)."""
+    if cfg.autocast != "bf16":
+        return None
+    removed = 0
+    for model in models:
+        if isinstance(model, torch.nn.Module):
+            for module in model.modules():
+                if isinstance(module, torch.fx.GraphModule):
+                    removed += strip_dtype_assertions(module)
+    return removed
 
 
 def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
@@ -401,6 +426,12 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
+def _run(module: torch.nn.Module, args: list[Any], device: torch.device, cfg: "DistillConfig") -> Any:
+    """``module(*args)`` under the stage's autocast (the loss is computed by the caller, outside it)."""
+    with _autocast(device, cfg.autocast):
+        return module(*args)
+
+
 def train_blocks(
     student: DBLLMModel,
     data: torch.Tensor,
@@ -439,6 +470,9 @@ def train_blocks(
     state = _load_state(checkpoint, student)
     if state is not None and state.get("stage") != "blocks":
         return list(state.get("block_records", []))  # a later stage's checkpoint: this stage is done
+    stripped = _strip_for_autocast(cfg, student)  # before the teacher capture and extract_block copy nodes
+    if stripped is not None:
+        metrics.log(stage="blocks", autocast=cfg.autocast, dtype_assertions_removed=stripped)
     done = int(state["next_block"]) if state else 0
     records: list[dict[str, Any]] = list(state["records"]) if state else []
 
@@ -489,15 +523,15 @@ def train_blocks(
         if index >= done:
             _freeze_all_but(gm, [*scales.values(), *latents.values()])
             opt = _optimizer(scales, latents, cfg.block_lr, cfg.block_latent_lr)
-            with torch.no_grad(), _autocast(device, cfg.autocast):
-                before = float(sum(block_loss(module(*inputs(b)), targets(b)) for b in range(len(batches))) / len(batches))
+            with torch.no_grad():
+                before = float(sum(block_loss(_run(module, inputs(b), device, cfg), targets(b))
+                                   for b in range(len(batches))) / len(batches))
             t0 = time.perf_counter()
             for step in range(cfg.block_steps):
                 b = int(_batch_indices(step, 1, len(batches), cfg.seed + 7919 * index)[0])
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * _lr_factor(step, cfg.block_steps, cfg.warmup)
-                with _autocast(device, cfg.autocast):
-                    loss = block_loss(module(*inputs(b)), targets(b))
+                loss = block_loss(_run(module, inputs(b), device, cfg), targets(b))  # float32, outside autocast
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
@@ -507,8 +541,9 @@ def train_blocks(
                 bar.set_postfix(block=block.name, loss=f"{loss.item():.4g}")
                 metrics.log(stage="blocks", block=block.name, step=step, loss=loss.item())
             del loss
-            with torch.no_grad(), _autocast(device, cfg.autocast):
-                after = float(sum(block_loss(module(*inputs(b)), targets(b)) for b in range(len(batches))) / len(batches))
+            with torch.no_grad():
+                after = float(sum(block_loss(_run(module, inputs(b), device, cfg), targets(b))
+                                  for b in range(len(batches))) / len(batches))
             records.append({"block": block.name, "before": before, "after": after,
                             "seconds": time.perf_counter() - t0})
             metrics.log(stage="blocks", block=block.name, rel_err_before=before, rel_err_after=after)
@@ -559,7 +594,9 @@ def train_end_to_end(
 
     ``teacher(ids)`` returns logits (or an object with ``.logits``), computed per step without
     gradient and dropped after the step. AdamW with warm-up and cosine decay, gradient
-    clipping, bf16 autocast on CUDA. Returns the loss of every step (including resumed ones).
+    clipping, mixed precision per ``cfg.autocast`` (with ``"bf16"`` the dtype assertions of the
+    student's graph, and of a teacher that is a graph module, are removed first, before
+    ``cfg.compile`` compiles the step). Returns the loss of every step (including resumed ones).
     ``extra_state`` is stored in every checkpoint (e.g. the block-wise stage's records).
     """
     from tqdm.auto import tqdm
@@ -584,6 +621,9 @@ def train_end_to_end(
         step0 = int(state["step"])
         losses = list(state["losses"])
     names = [*scales, *latents, *clips]
+    stripped = _strip_for_autocast(cfg, student, teacher)  # before torch.compile: the stripped graph is compiled
+    if stripped is not None:
+        metrics.log(stage="e2e", autocast=cfg.autocast, dtype_assertions_removed=stripped)
     forward = torch.compile(student, backend="dbllm", fullgraph=True) if cfg.compile else student
     bar = tqdm(total=cfg.steps, initial=step0, desc="distill", disable=not progress, unit="step")
     t_last, tokens = time.perf_counter(), 0
@@ -602,7 +642,7 @@ def train_end_to_end(
             t_logits = _logits(teacher(ids))
         with _autocast(device, cfg.autocast):
             s_logits = _logits(forward(ids))
-        loss = distill_loss(s_logits, t_logits, cfg.loss)
+        loss = distill_loss(s_logits, t_logits, cfg.loss)  # outside autocast; upcasts both logits to float32
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
