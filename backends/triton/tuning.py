@@ -137,10 +137,11 @@ _DECODE = [(32, 256, 2, 6), (64, 128, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3), (
 _SPLIT_BASES = [(64, 256, 4, 4), (128, 256, 4, 4)]
 _SMALL_SPLIT_BASES = [(64, 256, 4, 4), (32, 128, 2, 4)]
 # Batch 1, fp16: the gemv kernel (:mod:`.gemv`), (BLOCK_N, BLOCK_K, warps, stages), each with
-# SPLIT_K 1, 2 and 4 where K has enough tiles. From a sweep on an H100 (2026-11-24,
-# benchmarks/sweep_gemv.py, 6 shapes, BLOCK_N 4-64, BLOCK_K 256-1024, 1-4 warps, splits 1-8):
-# one-warp programs of 4-16 rows x 512 features won on every shape; more rows per program
-# left too few warps per SM (Nsight: 10% achieved occupancy for 128 rows).
+# SPLIT_K 1, 2 and 4 where K has enough tiles. From sweeps on an H100 (2026-11-24,
+# benchmarks/sweep_gemv.py, 6 shapes; raw benchmarks/results/gemv_h100_2026-11-24/): after the
+# prefetch change, programs of one warp and 4-16 rows x 512 features were the fastest on every
+# shape (warps 1-2 swept); before it, 2- and 4-warp programs had won 4096 x 4096. Programs of
+# 128 rows left too few warps per SM (Nsight: 10.5% achieved occupancy).
 _GEMV = [(4, 512, 1, 3), (8, 512, 1, 3), (16, 512, 1, 3)]
 _GEMV_SPLITS = (1, 2, 4)
 
