@@ -74,6 +74,26 @@ class _OpDtypes(TorchDispatchMode):
 # ----------------------------------------------------------------------------- the pass
 
 
+def test_pass_strips_assertions_inside_nested_graph_modules():
+    """``torch.no_grad()`` inside forward becomes a ``wrap_with_set_grad_enabled`` submodule whose
+    ``.to()`` carries its own assertion: the pass must reach it."""
+
+    class Nested(torch.nn.Module):
+        def forward(self, x):
+            with torch.no_grad():
+                y = x.to(torch.float32) * 2
+            return x.to(torch.float32) + y
+
+    x = torch.randn(3, dtype=torch.float16)
+    gm = torch.export.export(Nested(), (x,)).module()
+    nested = [name for name, mod in gm.named_modules() if name and isinstance(mod, torch.fx.GraphModule)
+              and any(n.target == torch.ops.aten._assert_tensor_metadata.default for n in mod.graph.nodes)]
+    assert nested, "the export no longer nests an assertion: this test needs another construction"
+    ref = gm(x)
+    assert count_dtype_assertions(gm) == strip_dtype_assertions(gm) == 2
+    assert count_dtype_assertions(gm) == 0 and torch.equal(gm(x), ref)
+
+
 def test_pass_removes_exactly_the_assertion_nodes_and_keeps_the_float32_output():
     data = _data()
     q = _student(_UpcastLogits(), data)
@@ -81,7 +101,8 @@ def test_pass_removes_exactly_the_assertion_nodes_and_keeps_the_float32_output()
     before = _graph_nodes(gm)
     expected = [node for node in before if node[2] == "aten._assert_tensor_metadata.default"]
     assert len(expected) == count_dtype_assertions(gm) > 0
-    assert any(path for path, _, _ in expected)  # some sit in a nested graph module (rotary under no_grad)
+    # (transformers 5.23 also puts some inside a nested graph module, the rotary under no_grad;
+    # 5.24 does not: the nested case is tested on its own below)
     ids = data[:3]
     with torch.no_grad():
         ref = q(ids)

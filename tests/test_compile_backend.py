@@ -152,7 +152,9 @@ def test_compiled_distillation_step_updates_scales_like_eager(tiny_llama):
     opt = torch.optim.SGD(scales, lr=1.0)
     loss.backward()
     for s, g in zip(scales, eager_grads):
-        torch.testing.assert_close(s.grad, g, rtol=1e-4, atol=1e-7)
+        # relative to the gradient's norm, not per element: entries near zero differ by the
+        # reduction order of the host's vector ISA more than 1e-4 of themselves
+        assert (s.grad - g).norm() <= 1e-4 * g.norm() + 1e-9, (s.grad - g).norm() / g.norm()
     opt.step()
     assert all(not torch.equal(s, b) for s, b in zip(scales, before))
     s = stats()
