@@ -147,6 +147,17 @@ def _kernel(fn, wrap: bool):
     return torch.library.wrap_triton(fn) if wrap else fn
 
 
+def _output(x2: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` checked (``[M, N]``, ``x2``'s dtype, unit stride along N), or a new one."""
+    m = x2.shape[0]
+    if out is None:
+        return torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if out.shape != (m, n) or out.dtype != x2.dtype or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"db_linear (triton): out must be [{m}, {n}] {x2.dtype} with unit stride along N, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    return out
+
+
 def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
                   wrap: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with the fused kernel; ``x2`` must have unit stride along K.
@@ -166,11 +177,7 @@ def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, c
     check_config(cfg, gw.group_size)
     m, k = x2.shape
     n = gw.out_features
-    if out is None:
-        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    elif out.shape != (m, n) or out.dtype != x2.dtype or (n > 1 and out.stride(1) != 1):
-        raise ValueError(f"db_linear (triton): out must be [{m}, {n}] {x2.dtype} with unit stride along N, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    out = _output(x2, n, out)
     if m == 0:
         return out
     if bias is not None and bias.dtype != x2.dtype:
@@ -220,11 +227,7 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     n = gw.out_features
     if not gemv_applies(x2):
         return launch_matmul(x2, gw, bias, default_config(m, n, k, gw.group_size), wrap, out)
-    if out is None:
-        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    elif out.shape != (m, n) or out.dtype != x2.dtype or (n > 1 and out.stride(1) != 1):
-        raise ValueError(f"db_linear (triton): out must be [{m}, {n}] {x2.dtype} with unit stride along N, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    out = _output(x2, n, out)
     if m == 0:
         return out
     if bias is not None and bias.dtype != x2.dtype:
