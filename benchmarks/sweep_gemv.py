@@ -5,7 +5,7 @@
 Each configuration: one layer, cold L2 (256 MiB flush), CUDA-graph replay, median of 20
 (``tuning._time_ms``). Writes ``DIR/sweep_gemv.json``.
 """
-import argparse, itertools, json, math, sys, time
+import argparse, itertools, json, sys
 from pathlib import Path
 
 import torch
@@ -32,7 +32,6 @@ for shape in args.shapes.split(","):
     n, k = map(int, shape.split("x"))
     gw = random_gpu_weights(n, k, torch.float16)
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    ref = None
     row = {"N": n, "K": k, "gemv": {}}
     tc = [c for c in tuning.candidates(1, n, k, 64, dtype=torch.float16) if c.kind == "fused"]
     best_tc = None

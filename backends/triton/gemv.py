@@ -96,11 +96,11 @@ def _half(pair, HI: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, k0, k_hi, k_pairs, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, k_pairs, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """Code words, scales and the eight x pairs of each word of K tile ``k0`` (nothing read unless ``k0 < k_hi``)."""
     ok = (word * 0 + k0) < k_hi  # [1, NGT, WPG] (a tensor: the interpreter rejects scalar masks)
     words = tl.load(qw_ptrs, mask=ok, other=0)
-    ok_g = (tl.reshape(tl.sum(word, axis=2), (word.shape[1],))[None, :] * 0 + k0) < k_hi  # [1, NGT]
+    ok_g = (grp * 0 + k0) < k_hi  # [1, NGT]
     a1 = tl.load(sc_ptrs, mask=ok_g, other=0.0)
     a2 = tl.load(sc_ptrs + 1, mask=ok_g, other=0.0)
     if EVEN_K:
@@ -150,7 +150,8 @@ def db_gemv_kernel(
     wig = tl.arange(0, WPG)[None, None, :]
     word = grp * WPG + wig  # [1, NGT, WPG] word index within the tile
     qw_ptrs = qw_ptr + rows_n[:, None, None].to(tl.int64) * stride_qn + word
-    sc_ptrs = sc_ptr + rows_n[:, None].to(tl.int64) * stride_sn + tl.arange(0, NGT)[None, :] * 2
+    grp_row = tl.arange(0, NGT)[None, :]  # [1, NGT] group index within the tile
+    sc_ptrs = sc_ptr + rows_n[:, None].to(tl.int64) * stride_sn + grp_row * 2
     x_ptrs = x_ptr + m * stride_xm + word * 8  # pair 0 of each word; pair j at + j
     k_pairs = K // 2
     if SPLIT_K == 1:
@@ -169,13 +170,13 @@ def db_gemv_kernel(
     # software pipelining by hand (Triton pipelines loads that feed a dot only): the loads of
     # tile k0 + 1 are issued before tile k0 is decoded; a tile past the split is not loaded
     words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile(
-        qw_ptrs, sc_ptrs, x_ptrs, word, k_lo, k_hi, k_pairs, BLOCK_K, EVEN_K)
+        qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k_lo, k_hi, k_pairs, BLOCK_K, EVEN_K)
     for k0 in range(k_lo, k_hi):
         qw_ptrs += NW
         sc_ptrs += NGT * 2
         x_ptrs += BLOCK_K // 2
         nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7 = _load_tile(
-            qw_ptrs, sc_ptrs, x_ptrs, word, k0 + 1, k_hi, k_pairs, BLOCK_K, EVEN_K)
+            qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k0 + 1, k_hi, k_pairs, BLOCK_K, EVEN_K)
         lut_lo, lut_hi = _group_luts(a1, a2, False, USE_ASM)
         acc += _word_dot(words, lut_lo[:, :, None], lut_hi[:, :, None], x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)
         words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7

@@ -158,6 +158,19 @@ def _output(x2: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def _split_target(x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: KernelConfig):
+    """``(bias in x2's dtype, tiles per split, splits, where the kernel writes)``: ``out`` for one
+    split, else a float32 workspace ``[splits, M, N]`` for :func:`.splitk.launch_reduce`."""
+    from .splitk import split_plan
+
+    if bias is not None and bias.dtype != x2.dtype:
+        bias = bias.to(x2.dtype)
+    per_split, splits = split_plan(x2.shape[1], cfg.block_k, cfg.split_k)
+    m, n = out.shape
+    dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x2.device)
+    return bias, per_split, splits, dst
+
+
 def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
                   wrap: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with the fused kernel; ``x2`` must have unit stride along K.
@@ -169,7 +182,7 @@ def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, c
     partials go to a float32 workspace ``[splits, M, N]`` and the reduce kernel writes ``out``.
     """
     from .kernels import db_matmul_kernel
-    from .splitk import launch_reduce, split_plan
+    from .splitk import launch_reduce
 
     _check_x(x2, gw)
     if cfg.kind != "fused":
@@ -180,11 +193,8 @@ def launch_matmul(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, c
     out = _output(x2, n, out)
     if m == 0:
         return out
-    if bias is not None and bias.dtype != x2.dtype:
-        bias = bias.to(x2.dtype)
-    per_split, splits = split_plan(k, cfg.block_k, cfg.split_k)
+    bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
     tiles = triton_cdiv(n, cfg.block_n) * triton_cdiv(m, cfg.block_m)
-    dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x2.device)
     grid = (tiles,) if splits == 1 else (tiles, splits)
     _kernel(db_matmul_kernel, wrap)[grid](
         x2, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
@@ -216,7 +226,7 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     the fused kernel's untuned default instead, so a cached gemv choice never fails a call.
     """
     from .gemv import db_gemv_kernel
-    from .splitk import launch_reduce, split_plan
+    from .splitk import launch_reduce
     from .tuning import default_config
 
     _check_x(x2, gw)
@@ -230,10 +240,7 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     out = _output(x2, n, out)
     if m == 0:
         return out
-    if bias is not None and bias.dtype != x2.dtype:
-        bias = bias.to(x2.dtype)
-    per_split, splits = split_plan(k, cfg.block_k, cfg.split_k)
-    dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x2.device)
+    bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
     if m == 1 and x2.stride(0) % 2:
         x2 = x2.as_strided((1, k), (k, 1))  # the row stride of a single row is never used
     xp = x2.view(torch.int32)  # fp16 pairs
