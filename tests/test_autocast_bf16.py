@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dbllm_compile as dc
 from dbllm_compile.distill import train as train_mod
+from dbllm_compile.distill import step as step_mod
 from dbllm_compile.distill.pipeline import distill
 from dbllm_compile.distill.train import DistillConfig, train_end_to_end
 from dbllm_compile.ops import TRAIN_OP
@@ -178,14 +179,14 @@ def test_bf16_distillation_trains_float32_parameters_with_a_float32_loss(tmp_pat
     q = _student(teacher, data)
     n_asserts = count_dtype_assertions(q.graph_module)
     losses_seen = []
-    real_loss = train_mod.distill_loss
+    real_loss = step_mod.distill_loss
 
     def spy_loss(s, t, spec):
         loss = real_loss(s, t, spec)
         losses_seen.append((s.dtype, torch.is_autocast_enabled("cpu"), loss.dtype))
         return loss
 
-    monkeypatch.setattr(train_mod, "distill_loss", spy_loss)
+    monkeypatch.setattr(step_mod, "distill_loss", spy_loss)
     cfg = DistillConfig(steps=30, block_steps=4, batch_size=8, block_batch_size=8, lr=2e-3, latent_lr=2e-4,
                         block_lr=2e-3, warmup=0.0, autocast="bf16", checkpoint_every=100)
     result = distill(q, teacher, data, cfg, out_dir=tmp_path, progress=False, plots=False)
@@ -227,17 +228,21 @@ def test_bf16_step_compiles_the_stripped_graph(monkeypatch):
     seen = []
     real_compile = torch.compile
 
-    def spy_compile(model, **kwargs):
-        seen.append((count_dtype_assertions(model.graph_module), kwargs))
+    def spy_compile(fn, **kwargs):
+        seen.append((count_dtype_assertions(q.graph_module), kwargs))
         # Dynamo, the dbllm backend and AOTAutograd trace the graph as they would in the stage;
         # Inductor's code generation is skipped (seconds, not tens of seconds, on a cold cache)
-        return real_compile(model, **kwargs, options={"inductor": False})
+        if kwargs.get("backend") == "dbllm":
+            return real_compile(fn, **{**kwargs, "options": {"inductor": False}})
+        return real_compile(fn, backend="aot_eager")  # the teacher
 
     monkeypatch.setattr(torch, "compile", spy_compile)
     before = torch.cat([s.detach().flatten() for s in q.scale_parameters()]).clone()
     losses = train_end_to_end(q, teacher, data, DistillConfig(steps=2, batch_size=2, autocast="bf16", compile=True),
                               progress=False)
-    assert seen == [(0, {"backend": "dbllm", "fullgraph": True})]  # stripped before torch.compile saw the student
+    # stripped before torch.compile saw the student (its step: forward and loss in one graph; no CUDA
+    # graphs on CPU), then the teacher
+    assert seen == [(0, {"backend": "dbllm", "fullgraph": True, "options": None}), (0, {"mode": None})]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(before, torch.cat([s.detach().flatten() for s in q.scale_parameters()]))
 

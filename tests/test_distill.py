@@ -11,6 +11,7 @@ import torch
 
 import dbllm_compile as dc
 from dbllm_compile.distill import train as train_mod
+from dbllm_compile.distill import step as step_mod
 from dbllm_compile.distill.blocks import capture, extract_block
 from dbllm_compile.distill.checkpoint import MetricsLog
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
@@ -107,8 +108,8 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch, kill_a
         q = _student(model, data)
         if kill:
             calls = {"n": 0}
-            target = "_rel_mse" if kill_at == "blocks" else "distill_loss"
-            real = getattr(train_mod, target)
+            mod, target = (train_mod, "_rel_mse") if kill_at == "blocks" else (step_mod, "distill_loss")
+            real = getattr(mod, target)
             limit = 8 + 4 if kill_at == "blocks" else 5  # mid-way through block 1 / at e2e step 5
 
             def dying(*a, **k):
@@ -118,7 +119,7 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch, kill_a
                 return real(*a, **k)
 
             with monkeypatch.context() as m:
-                m.setattr(train_mod, target, dying)
+                m.setattr(mod, target, dying)
                 with pytest.raises(_Killed):
                     distill(q, model, data, cfg, out_dir=out, progress=False, plots=False)
             model = _llama()

@@ -22,7 +22,8 @@ from dbllm_compile.api import DBLLMModel
 from dbllm_compile.distill.blocks import capture, extract_block
 from dbllm_compile.distill.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
 from dbllm_compile.profiling import profiler, top_ops
-from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
+from dbllm_compile.distill.losses import LossSpec, dad_weights
+from dbllm_compile.distill.step import build_step, mark_step, uses_cuda_graphs
 from dbllm_compile.errors import ConfigError, DBLLMError
 from dbllm_compile.ops import ACT_QUANT_TRAIN_OP, TRAIN_OP, op_arguments
 from dbllm_compile.passes.dtype_assertions import strip_dtype_assertions
@@ -86,9 +87,13 @@ class DistillConfig:
             ``torch.autocast(device, dtype=torch.bfloat16)``, on CUDA or CPU, after the exported
             graph's dtype assertions are removed; see :func:`_autocast`) or ``"none"`` (the
             exported dtype, no TF32 switch).
-        compile: run the end-to-end student forward/backward through
-            ``torch.compile(student, backend="dbllm")`` (training form through AOTAutograd and
-            Inductor; see docs/compile.md).
+        compile: run the end-to-end student forward/backward and the loss as one
+            ``torch.compile(..., backend="dbllm")`` graph (training form through AOTAutograd and
+            Inductor; see docs/compile.md and :mod:`dbllm_compile.distill.step`).
+        compile_teacher: with ``compile``, also compile the teacher's forward (plain Inductor).
+        cuda_graphs: with ``compile`` on CUDA, run the compiled teacher and student under CUDA
+            graphs (Inductor's ``"reduce-overhead"``): the step was bound by its ~1,300 kernel
+            launches (docs/results.md 3.0e). No effect on CPU.
     """
 
     steps: int = 100
@@ -115,6 +120,8 @@ class DistillConfig:
     profile_steps: int = 0
     autocast: str = "auto"
     compile: bool = False
+    compile_teacher: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "block_steps", "block_sequences", "profile_steps"):
@@ -575,10 +582,6 @@ def train_blocks(
 # ----------------------------------------------------------------------------- end to end
 
 
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
-
-
 def train_end_to_end(
     student: DBLLMModel,
     teacher: Callable[[torch.Tensor], Any],
@@ -624,7 +627,13 @@ def train_end_to_end(
     stripped = _strip_for_autocast(cfg, student, teacher)  # before torch.compile: the stripped graph is compiled
     if stripped is not None:
         metrics.log(stage="e2e", autocast=cfg.autocast, dtype_assertions_removed=stripped)
-    forward = torch.compile(student, backend="dbllm", fullgraph=True) if cfg.compile else student
+    _autocast(device, cfg.autocast)  # the TF32 switch of "auto"; the step enters bf16 autocast itself
+    graphed = uses_cuda_graphs(cfg.compile, cfg.cuda_graphs, device)
+    teacher_logits, student_loss = build_step(
+        student, teacher, cfg.loss, bf16=cfg.autocast == "bf16", device=device, compile=cfg.compile,
+        compile_teacher=cfg.compile_teacher, cuda_graphs=cfg.cuda_graphs)
+    if cfg.compile:
+        metrics.log(stage="e2e", compiled=True, compile_teacher=cfg.compile_teacher, cuda_graphs=graphed)
     bar = tqdm(total=cfg.steps, initial=step0, desc="distill", disable=not progress, unit="step")
     t_last, tokens = time.perf_counter(), 0
     t_ckpt = t_last
@@ -638,11 +647,9 @@ def train_end_to_end(
         ids = data[_batch_indices(step, cfg.batch_size, data.shape[0], cfg.seed)].to(device)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(step, cfg.steps, cfg.warmup)
-        with torch.no_grad(), _autocast(device, cfg.autocast):
-            t_logits = _logits(teacher(ids))
-        with _autocast(device, cfg.autocast):
-            s_logits = _logits(forward(ids))
-        loss = distill_loss(s_logits, t_logits, cfg.loss)  # outside autocast; upcasts both logits to float32
+        mark_step(graphed)
+        t_logits = teacher_logits(ids)
+        loss, s_logits = student_loss(ids, t_logits)  # the loss outside autocast, on float32 logits
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
