@@ -166,7 +166,7 @@ def test_gradient_of_offset_is_the_group_sum_over_real_features():
 
 
 def test_offset_gradients_match_dense_autograd_and_the_decomposed_op():
-    from dbllm_compile.backends.dynamo.lowering import db_linear_train_decomposed
+    from dbllm_compile.backends.dynamo.train_decomposition import db_linear_train_decomposed
 
     w, a1, a2, c, b = _sign_layer(dtype=torch.float32, seed=2)
     x = torch.randn(2, 3, 70)

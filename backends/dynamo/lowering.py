@@ -9,7 +9,7 @@ weight (on-the-fly mode, :func:`quantize_graph`) in the GPU layout) or ``dbllm::
 ``dbllm::db_linear`` (from ``convert()``)      ``dbllm::db_linear_gpu`` on CUDA with fp16/bf16
                                                activations (weights repacked once); unchanged
                                                elsewhere and for the sign codebook (offset ``c``)
-``dbllm::db_linear_train`` (from ``quantize()``) :func:`db_linear_train_decomposed` (plain torch
+``dbllm::db_linear_train`` (from ``quantize()``) :func:`~.train_decomposition.db_linear_train_decomposed` (plain torch
                                                ops, straight-through estimators) so Inductor
                                                fuses it; unchanged with ``decompose_train=False``
 ``dbllm::hadamard`` (``rotation_block > 0``)    :func:`~dbllm_compile.passes.decompose.hadamard_decomposed`
@@ -33,7 +33,6 @@ import re
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from dbllm_compile.errors import GraphPassError
@@ -41,10 +40,10 @@ from dbllm_compile.ops import DEPLOY_OP, HADAMARD_OP, TRAIN_OP, op_arguments
 from dbllm_compile.passes.dynamo_graph import normalize_dynamo_graph, restore_parameter_inputs
 from dbllm_compile.passes.linear_match import get_attr_value
 from dbllm_compile.passes.quantize_linears import replace_node, select_linears
-from dbllm_compile.reference.dual_binary import assign_bits, dequantize_bits
 
 from .diagnostics import GraphRecord
 from .options import CompileOptions
+from .train_decomposition import db_linear_train_decomposed
 from .weights import load_artifact_layers, quantized_weights
 
 __all__ = ["quantize_graph", "lower_dbllm_ops", "db_linear_train_decomposed", "gpu_kernels_available"]
@@ -157,28 +156,6 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
     finally:
         restore_parameter_inputs(gm, frozen)
     gm.graph.lint()
-
-
-def db_linear_train_decomposed(x: torch.Tensor, weight: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor,
-                               bias: torch.Tensor | None, group_size: int, scale_dtype: torch.dtype,
-                               c: torch.Tensor | None = None) -> torch.Tensor:
-    """``dbllm::db_linear_train`` as plain torch ops (same forward values, same gradients).
-
-    - scales rounded to ``scale_dtype`` straight through: ``a + (round(a) - a).detach()`` (exact:
-      ``round(a) - a`` is exact by Sterbenz's lemma, so the sum is ``round(a)``);
-    - bits: :func:`~dbllm_compile.reference.dual_binary.assign_bits` on detached values;
-    - ``w_hat`` from :func:`~dbllm_compile.reference.dual_binary.dequantize_bits`, so
-      ``dL/da1 = sum_group dL/dw_hat * b1`` by autograd (and ``dL/dc = sum_group dL/dw_hat`` for
-      the sign codebook's offset, rounded straight through like the scales);
-    - latent weight straight through: ``w_hat + (weight - weight.detach())`` (adds an exact 0).
-    """
-    s1 = a1 + (a1.to(scale_dtype).float() - a1).detach()
-    s2 = a2 + (a2.to(scale_dtype).float() - a2).detach()
-    sc = None if c is None else c + (c.to(scale_dtype).float() - c).detach()
-    b1, b2 = assign_bits(weight.detach(), s1.detach(), s2.detach(), group_size, None if sc is None else sc.detach())
-    w_hat = dequantize_bits(b1, b2, s1, s2, group_size, sc)[:, : weight.shape[1]]
-    w_ste = w_hat + (weight - weight.detach()).float()
-    return F.linear(x, w_ste.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, Any]:
