@@ -4,14 +4,14 @@
 #   bash benchmarks/gpu_recipe.sh MODEL.gguf WIKITEXT_TEST_RAW OUT_DIR [more dbllm-compile args]
 #
 # Installs the package (the machine already has torch), then runs the main job with the `gpu`
-# budget: MSE-grid init + 2 least-squares refinements, data-free calibration text, block-wise
-# reconstruction, end-to-end DAD distillation (2,000 steps, compiled through the dbllm backend:
-# the CLI default on CUDA), with every quantized linear's input Hadamard-rotated (the CLI default
-# --rotation-block 64 since 2026-11-24: 77.9 against 90.2 with --rotation-block 0, docs/results.md
-# 3.0; with the end-to-end learning rates 5e-4 / 5e-5, DistillConfig's defaults since the same day:
-# 71.0, 3.0a), packed evaluation on the first 40 windows of
-# 512 tokens of WikiText-2 test. The run directory OUT_DIR-run/ holds the checkpoint: running
-# the same command again after a kill or a timeout resumes where it stopped.
+# budget: MSE-grid init + 2 least-squares refinements, 1,024 x 512 tokens of data-free calibration
+# text, block-wise reconstruction (300 steps per block), end-to-end DAD distillation (5,000 steps,
+# compiled through the dbllm backend and run under CUDA graphs: the CLI default on CUDA), with
+# every quantized linear's input Hadamard-rotated (the CLI default --rotation-block 64), packed
+# evaluation on the first 40 windows of 512 tokens of WikiText-2 test. Measured on an H100
+# (docs/results.md 3.0e, 2026-11-24): 65.2 in 21.8 min (full precision 28.74). The run directory
+# OUT_DIR-run/ holds the checkpoint: running the same command again after a kill or a timeout
+# resumes where it stopped.
 set -euo pipefail
 model=$1; text=$2; out=$3; shift 3
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
