@@ -212,7 +212,7 @@ def bench_dequant_only(r: dict, x: torch.Tensor, layers: list, lq: int, copy_bw:
 
 
 def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: float, a4: bool = False,
-               dequant_only: bool = False) -> dict:
+               dequant_only: bool = False, gemlite: bool = False) -> dict:
     from dbllm_compile.backends.triton import tuning
     from dbllm_compile.backends.triton.dispatch import linear_prepared
     from dbllm_compile.backends.triton.launch import run_config
@@ -280,6 +280,10 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
     del dense
     torch.cuda.empty_cache()
 
+    if gemlite:
+        bench_gemlite(r, x, n, k, l2)
+        if "gemlite_us" in r:
+            r["vs_gemlite"] = r["gemlite_us"] / r["ours_us"]
     r["speedup"] = r["cublas_us"] / r["ours_us"]
     r["ours_GBps"] = (q_bytes + io_bytes) / (r["ours_us"] * 1e-6) / 1e9
     r["cublas_GBps"] = (2 * n * k + io_bytes) / (r["cublas_us"] * 1e-6) / 1e9
@@ -291,10 +295,53 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
 
 def gemlite_status() -> str:
     try:
-        import gemlite  # noqa: F401
+        import gemlite
     except Exception as e:  # ImportError, or a broken install
         return f"not importable ({type(e).__name__}: {str(e)[:80]}); not measured"
-    return "importable, but no adapter in this script yet; not measured"
+    return f"gemlite {getattr(gemlite, '__version__', '?')}: A16W2, group {G}, fp16 (its own autotune and config cache)"
+
+
+def gemlite_layer(n: int, k: int, dtype: torch.dtype, seed: int):
+    """A gemlite 2-bit linear (HQQ format ``W = (W_q - zeros) * scales``, group ``G``) with random
+    codes and scales, and its float32 dense weight for the error check."""
+    from gemlite import DType, GemLiteLinear
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w_q = torch.randint(0, 4, (n, k), dtype=torch.uint8, device="cuda", generator=g)
+    scales = (torch.rand(n, k // G, device="cuda", generator=g) * 0.02 + 0.005).to(dtype)
+    zeros = torch.full((n, k // G), 1.5, device="cuda", dtype=dtype)
+    dt = DType.FP16 if dtype == torch.float16 else DType.BF16
+    layer = GemLiteLinear(2, group_size=G, in_features=k, out_features=n, input_dtype=dt, output_dtype=dt)
+    dense = ((w_q.float() - zeros.float().repeat_interleave(G, 1)) * scales.float().repeat_interleave(G, 1))
+    layer.pack(w_q, scales, zeros, None)
+    return layer, dense
+
+
+def bench_gemlite(r: dict, x: torch.Tensor, n: int, k: int, l2: int) -> None:
+    """gemlite's 2-bit kernel on its own stack of layers (same cold-L2, CUDA-graph timing as ours):
+    ``gemlite_us``, its first-call seconds (its autotune unless its config cache has the shape),
+    its error against its own dense weight. Failures are recorded, not raised."""
+    try:
+        q_bytes = n * k / 4 + n * (k // G) * 4
+        lq = n_layers(q_bytes, l2)
+        made = [gemlite_layer(n, k, x.dtype, seed) for seed in range(lq)]
+        layers = [m[0] for m in made]
+        dense0 = made[0][1]
+        del made
+        t0 = time.perf_counter()
+        y = layers[0](x)
+        torch.cuda.synchronize()
+        r["gemlite_first_call_s"] = round(time.perf_counter() - t0, 2)
+        ref = F.linear(x.float(), dense0)
+        r["gemlite_rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+        for layer in layers[1:]:  # every layer warmed up before the capture
+            layer(x)
+        r["gemlite_us"] = graph_ms(lambda: [layer(x) for layer in layers]) * 1e3 / lq
+        r["gemlite_layers"] = lq
+        del layers, dense0, y, ref
+    except Exception as e:  # an unsupported shape or a kernel that does not capture
+        r["gemlite_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    torch.cuda.empty_cache()
 
 
 def second_process_cost(out: Path, n: int, k: int, m: int) -> dict:
@@ -363,12 +410,13 @@ def main() -> None:
     info["gemlite"] = gemlite_status()
     print(f"{info['gpu']}  SMs={info['sms']}  L2={info['l2_bytes'] / 2**20:.0f} MiB  torch {info['torch']}  "
           f"triton {info['triton']}  copy {info['copy_GBps']:.0f} GB/s  gemlite: {info['gemlite']}", flush=True)
+    use_gemlite = info["gemlite"].startswith("gemlite ")
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     results = []
     for n, k in shapes:
         for m in map(int, args.m.split(",")):
             r = bench_case(n, k, m, dtype, info["l2_bytes"], info["copy_GBps"] * 1e9, a4=args.a4,
-                           dequant_only=args.dequant_only)
+                           dequant_only=args.dequant_only, gemlite=use_gemlite)
             results.append(r)
             print(f"N={n:6d} K={k:6d} M={m:5d}  cuBLAS {r['cublas_us']:9.1f} us  ours {r['ours_us']:9.1f} us "
                   f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"
@@ -377,6 +425,12 @@ def main() -> None:
                   + "".join(f"  {key} {r[key + '_us']:.1f} us ({r[key + '_config']})" for key in ("tc", "gemv")
                             if key + "_us" in r),
                   flush=True)
+            if "gemlite_us" in r:
+                print(f"    gemlite 2-bit: {r['gemlite_us']:.1f} us (first call {r['gemlite_first_call_s']:.1f} s, err "
+                      f"{r['gemlite_rel_err']:.1e}): ours x{r['vs_gemlite']:.2f} faster, cuBLAS/gemlite "
+                      f"x{r['cublas_us'] / r['gemlite_us']:.2f}", flush=True)
+            elif "gemlite_error" in r:
+                print(f"    gemlite 2-bit: {r['gemlite_error']}", flush=True)
             for name in ("a4_exact", "a4_int_levels", "a4_row", "a4_row_dense"):
                 if f"{name}_us" in r:
                     print(f"    {name}: {r[f'{name}_us']:.1f} us ({r[f'{name}_config']}) x{r['cublas_us'] / r[f'{name}_us']:.2f} "
