@@ -12,7 +12,7 @@ graph module nested in it (the bodies of higher-order ops such as
 ``wrap_with_set_grad_enabled``), so the graph can run under autocast. The distillation stages
 call it on the student (and on a teacher that is a graph module) when
 ``DistillConfig.autocast == "bf16"``, before anything is extracted or compiled
-(:mod:`dbllm_compile.distill.train`).
+(:mod:`dbllm_compile.distill.train`, used by both stages).
 
 Invariants: only ``aten._assert_tensor_metadata`` nodes are removed (they return ``None`` and have
 no users); every other node stays, including the shape assertions (``aten._assert_scalar``,

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dbllm_compile as dc
 from dbllm_compile.distill import train as train_mod
 from dbllm_compile.distill import step as step_mod
+from dbllm_compile.distill.checkpoint import MetricsLog
 from dbllm_compile.distill.pipeline import distill
 from dbllm_compile.distill.train import DistillConfig, train_end_to_end
 from dbllm_compile.ops import TRAIN_OP
@@ -260,7 +261,7 @@ def test_auto_keeps_the_assertions_and_the_float32_step(monkeypatch):
             return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(q), "forward", forward)
-    metrics = train_mod.MetricsLog(None)
+    metrics = MetricsLog(None)
     losses = train_end_to_end(q, teacher, data, DistillConfig(steps=2, batch_size=2), metrics=metrics, progress=False)
     assert len(losses) == 2
     assert _graph_nodes(q.graph_module) == nodes  # untouched: the assertions are still there

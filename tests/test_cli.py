@@ -147,7 +147,7 @@ def test_rotation_block_reaches_the_config(tiny_hf_dir, tmp_path, capsys):
 
 def test_block_sequences_and_gen_batch_size_reach_the_pipeline(tiny_hf_dir, tmp_path, capsys, monkeypatch):
     import dbllm_compile.distill.calibration as calibration
-    import dbllm_compile.distill.train as train
+    import dbllm_compile.distill.block_stage as block_stage
 
     specs, teacher_rows = [], []
     generate = calibration.generate_calibration
@@ -156,7 +156,7 @@ def test_block_sequences_and_gen_batch_size_reach_the_pipeline(tiny_hf_dir, tmp_
         specs.append(spec)
         return generate(model, spec, **{**kwargs, "cache": False})  # really generate, in batches of spec's
 
-    capture = train.capture
+    capture = block_stage.capture
 
     def recording_capture(gm, args, *rest, **kwargs):
         if kwargs.get("dense"):  # the block-wise stage's teacher pass, one call per block-wise batch
@@ -164,7 +164,7 @@ def test_block_sequences_and_gen_batch_size_reach_the_pipeline(tiny_hf_dir, tmp_
         return capture(gm, args, *rest, **kwargs)
 
     monkeypatch.setattr(calibration, "generate_calibration", recording_generate)
-    monkeypatch.setattr(train, "capture", recording_capture)
+    monkeypatch.setattr(block_stage, "capture", recording_capture)
     directory, _, _ = tiny_hf_dir
     rc = main(["quantize", "--model", str(directory), "--no-default-text", "--out", str(tmp_path / "o"), "--json",
                "--steps", "1", "--block-steps", "1", "--tokens", "256", "--calib-seq-len", "32",

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import dbllm_compile as dc
-from dbllm_compile.distill import train as train_mod
+from dbllm_compile.distill import block_stage as block_mod
+from dbllm_compile.distill import end_to_end as e2e_mod
 from dbllm_compile.distill import step as step_mod
 from dbllm_compile.distill.blocks import capture, extract_block
 from dbllm_compile.distill.checkpoint import MetricsLog
@@ -108,7 +109,7 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch, kill_a
         q = _student(model, data)
         if kill:
             calls = {"n": 0}
-            mod, target = (train_mod, "_rel_mse") if kill_at == "blocks" else (step_mod, "distill_loss")
+            mod, target = (block_mod, "_rel_mse") if kill_at == "blocks" else (step_mod, "distill_loss")
             real = getattr(mod, target)
             limit = 8 + 4 if kill_at == "blocks" else 5  # mid-way through block 1 / at e2e step 5
 
@@ -140,14 +141,14 @@ def test_block_losses_follow_their_formulas():
     ref = torch.randn(2, 5, 8)
     ref[0, 0, 3] = 1e4  # a massive activation on one token
     out = ref + 0.1 * torch.randn(2, 5, 8)
-    glob = train_mod._rel_mse((out,), (ref,))
-    token = train_mod._token_rel_mse((out,), (ref,))
+    glob = block_mod._rel_mse((out,), (ref,))
+    token = block_mod._token_rel_mse((out,), (ref,))
     assert torch.allclose(glob, ((out - ref) ** 2).sum() / (ref**2).sum())
     per_token = ((out - ref) ** 2).sum(-1) / (ref**2).sum(-1)
     assert torch.allclose(token, per_token.mean())
     # the massive token hides every other token's error from the global loss, not from the per-token one
     assert glob < 1e-6 < token
-    channel = train_mod._channel_rel_mse((out,), (ref,))
+    channel = block_mod._channel_rel_mse((out,), (ref,))
     per_channel = ((out - ref) ** 2).sum((0, 1)) / (ref**2).sum((0, 1))
     assert torch.allclose(channel, per_channel.mean())
     assert glob < 1e-6 < channel  # the massive feature's scale does not hide the other features either
@@ -233,7 +234,7 @@ def _block_params(q):
 def test_last_use_of_block_boundaries():
     data = _data(8, 16)
     blocks = _student(_llama(layers=3), data).report.blocks
-    last = train_mod._last_use(blocks)
+    last = block_mod._last_use(blocks)
     assert set(last) == {n for b in blocks for n in (*b.inputs, *b.outputs)}
     shared = set.intersection(*(set(b.inputs) for b in blocks))  # rotary tables, mask, sizes
     assert {n for n in shared if not n.startswith("sym_size")} and all(last[n] == 2 for n in shared)
@@ -253,7 +254,7 @@ def test_block_stage_frees_values_after_their_last_use(tmp_path, monkeypatch, re
     cfg = DistillConfig(block_steps=3, block_batch_size=4)
     ckpt = tmp_path / "checkpoint.pt"
     if resume:  # killed at block 2: the second call replays blocks 0 and 1
-        real = train_mod._rel_mse
+        real = block_mod._rel_mse
         calls = {"n": 0}
 
         def dying(*a, **k):
@@ -263,18 +264,18 @@ def test_block_stage_frees_values_after_their_last_use(tmp_path, monkeypatch, re
             return real(*a, **k)
 
         with monkeypatch.context() as m:
-            m.setattr(train_mod, "_rel_mse", dying)
+            m.setattr(block_mod, "_rel_mse", dying)
             with pytest.raises(_Killed):
-                train_mod.train_blocks(_student(_llama(layers=3), data), data, cfg, checkpoint=ckpt, progress=False)
+                block_mod.train_blocks(_student(_llama(layers=3), data), data, cfg, checkpoint=ckpt, progress=False)
 
     q = _student(_llama(layers=3), data)
     blocks = q.report.blocks
-    last = train_mod._last_use(blocks)
+    last = block_mod._last_use(blocks)
     captured: list[dict] = []
     pushed: list[tuple[str, weakref.ref]] = []  # quantized-path values computed without gradient
     trained: list[int] = []
     current: dict[str, int] = {}
-    real_capture, real_extract, real_loss = train_mod.capture, train_mod.extract_block, train_mod._rel_mse
+    real_capture, real_extract, real_loss = block_mod.capture, block_mod.extract_block, block_mod._rel_mse
 
     def spy_capture(*a, **k):
         captured.append(real_capture(*a, **k))
@@ -299,17 +300,17 @@ def test_block_stage_frees_values_after_their_last_use(tmp_path, monkeypatch, re
         trained.append(i)
         return real_loss(out, ref)
 
-    monkeypatch.setattr(train_mod, "capture", spy_capture)
-    monkeypatch.setattr(train_mod, "extract_block", spy_extract)
-    monkeypatch.setattr(train_mod, "_rel_mse", spy_loss)
-    records = train_mod.train_blocks(q, data, cfg, checkpoint=ckpt, progress=False)
+    monkeypatch.setattr(block_mod, "capture", spy_capture)
+    monkeypatch.setattr(block_mod, "extract_block", spy_extract)
+    monkeypatch.setattr(block_mod, "_rel_mse", spy_loss)
+    records = block_mod.train_blocks(q, data, cfg, checkpoint=ckpt, progress=False)
     assert len(records) == 3 and sorted(set(trained)) == ([2] if resume else [0, 1, 2])
     assert captured and all(not values for values in captured)  # every teacher value freed
     assert pushed and all(r() is None for _, r in pushed)
     if resume:  # and the same parameters as an uninterrupted run
         straight = _student(_llama(layers=3), data)
         monkeypatch.undo()
-        train_mod.train_blocks(straight, data, cfg, progress=False)
+        block_mod.train_blocks(straight, data, cfg, progress=False)
         resumed = _block_params(q)
         for k, v in _block_params(straight).items():
             assert torch.equal(v, resumed[k]), k
@@ -318,20 +319,20 @@ def test_block_stage_frees_values_after_their_last_use(tmp_path, monkeypatch, re
 def test_block_offload_gives_the_same_parameters_and_is_reported(monkeypatch):
     data = _data(10, 16)  # 3 batches, the last one smaller
     moved = {"n": 0}
-    real_to_host = train_mod._to_host
+    real_to_host = block_mod._to_host
 
     def spy(*a, **k):
         moved["n"] += 1
         return real_to_host(*a, **k)
 
-    monkeypatch.setattr(train_mod, "_to_host", spy)
+    monkeypatch.setattr(block_mod, "_to_host", spy)
     params, reports = {}, {}
     for offload in ("none", "cpu", "auto"):
         q = _student(_llama(), data)
         metrics = MetricsLog(None)
         moved["n"] = 0
         cfg = DistillConfig(block_steps=3, block_batch_size=4, block_offload=offload)
-        records = train_mod.train_blocks(q, data, cfg, metrics=metrics, progress=False)
+        records = block_mod.train_blocks(q, data, cfg, metrics=metrics, progress=False)
         params[offload] = (_block_params(q), [(r["before"], r["after"]) for r in records])
         (reports[offload],) = [r for r in metrics.records if "block_offload" in r]
         assert (moved["n"] > 0) == (offload == "cpu")
@@ -346,17 +347,17 @@ def test_block_offload_gives_the_same_parameters_and_is_reported(monkeypatch):
 
 
 def test_host_arena_stores_values_unchanged_in_shared_chunks():
-    arena = train_mod._HostArena(pin=False)
+    arena = block_mod._HostArena(pin=False)
     values = [torch.randn(3, 5), torch.randn(2, 7).to(torch.bfloat16), torch.arange(9), torch.rand(4) > 0.5,
               torch.tensor(2.5, dtype=torch.float64), torch.empty(0, 3)]
     stored = [arena.store(v) for v in values]
     for v, s in zip(values, stored):
         assert s.dtype == v.dtype and s.shape == v.shape and s.is_contiguous() and torch.equal(s, v)
         offset = s.data_ptr() - s.untyped_storage().data_ptr()
-        assert offset % train_mod._HostArena.ALIGN == 0 or s.numel() == 0
+        assert offset % block_mod._HostArena.ALIGN == 0 or s.numel() == 0
     values[0].add_(1)
     assert not torch.equal(stored[0], values[0])  # copies, not views of the inputs
-    arena = train_mod._HostArena(pin=False)  # values of one node: same size, carved out of shared chunks
+    arena = block_mod._HostArena(pin=False)  # values of one node: same size, carved out of shared chunks
     hidden = [arena.store(torch.full((3 << 10,), float(i))) for i in range(40)]  # 12 KiB each
     assert all(torch.equal(h, torch.full((3 << 10,), float(i))) for i, h in enumerate(hidden))
     ptrs = [h.untyped_storage().data_ptr() for h in hidden]
@@ -364,7 +365,7 @@ def test_host_arena_stores_values_unchanged_in_shared_chunks():
     assert sizes == {1 << 18}  # 16 x 12 KiB rounded up to a power of two: 21 values per chunk
     assert ptrs[:21] == [ptrs[0]] * 21 and ptrs[21:] == [ptrs[21]] * 19 and ptrs[21] != ptrs[0]
     cpu = torch.ones(2)
-    assert train_mod._to_host(cpu) is cpu and train_mod._to_host(3) == 3  # nothing to move
+    assert block_mod._to_host(cpu) is cpu and block_mod._to_host(3) == 3  # nothing to move
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host memory, asynchronous copies)")
@@ -376,7 +377,7 @@ def test_block_offload_on_cuda_gives_the_same_parameters():
         q = _student(_llama().cuda(), data.cuda())
         metrics = MetricsLog(None)
         cfg = DistillConfig(block_steps=3, block_batch_size=4, block_offload=offload)
-        records = train_mod.train_blocks(q, data, cfg, metrics=metrics, progress=False)
+        records = block_mod.train_blocks(q, data, cfg, metrics=metrics, progress=False)
         (report,) = [r for r in metrics.records if "block_offload" in r]
         assert report["block_offload"] == offload and report["free_bytes"] > 0
         params[offload] = (_block_params(q), [(r["before"], r["after"]) for r in records])
@@ -389,8 +390,8 @@ def test_checkpoint_seconds_throttles_end_to_end_checkpoints(tmp_path, monkeypat
     """checkpoint_every=1 with a long minimum interval writes only the last step's checkpoint."""
     model, data = _llama(), _data(8, 16)
     saved = []
-    real = train_mod.save_checkpoint
-    monkeypatch.setattr(train_mod, "save_checkpoint", lambda path, state: (saved.append(state["step"] if state["stage"] == "e2e" else None), real(path, state)))
+    real = e2e_mod.save_checkpoint
+    monkeypatch.setattr(e2e_mod, "save_checkpoint", lambda path, state: (saved.append(state["step"] if state["stage"] == "e2e" else None), real(path, state)))
     for seconds, expected in ((0.0, [1, 2, 3, 4]), (3600.0, [4])):
         saved.clear()
         cfg = DistillConfig(steps=4, block_steps=0, batch_size=4, checkpoint_every=1, checkpoint_seconds=seconds)

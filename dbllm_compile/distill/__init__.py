@@ -5,7 +5,10 @@
 - :mod:`~dbllm_compile.distill.losses`: plain KL, cross-entropy and DAD-ED (our
   deviation-aware distillation loss).
 - :mod:`~dbllm_compile.distill.blocks`: transformer blocks of the exported graph as modules.
-- :mod:`~dbllm_compile.distill.train`: the block-wise and end-to-end stages (resumable).
+- :mod:`~dbllm_compile.distill.train`: :class:`DistillConfig` and what the stages share.
+- :mod:`~dbllm_compile.distill.block_stage`: the block-wise stage (resumable).
+- :mod:`~dbllm_compile.distill.end_to_end`: the end-to-end stage (resumable); its step
+  (eager, compiled, CUDA graphs) in :mod:`~dbllm_compile.distill.step`.
 - :mod:`~dbllm_compile.distill.pipeline`: :func:`distill`, both stages in one call; :func:`distill_w2a4`, the three stages of W(1+1)A4.
 """
 
