@@ -93,3 +93,14 @@ def tiny_hf_dir(tmp_path_factory):
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory, model, tokenizer
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo cache and zeroed ``backend="dbllm"`` counters before and after the test."""
+    from dbllm_compile.backends.dynamo import reset_stats
+
+    torch._dynamo.reset()
+    reset_stats()
+    yield
+    torch._dynamo.reset()

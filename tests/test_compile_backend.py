@@ -11,18 +11,13 @@ import pytest
 import torch
 
 import dbllm_compile as dc
-from dbllm_compile.backends.dynamo import CompileOptions, register, reset_stats, stats
-from dbllm_compile.errors import ConfigError, GraphPassError
+from dbllm_compile.backends.dynamo import CompileOptions, register, stats
+from dbllm_compile.errors import ConfigError
 
 FAST = {"init": "maxabs", "inductor": False}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    reset_stats()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 def _reference(model, ids, init="maxabs"):

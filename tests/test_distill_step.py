@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dbllm_compile as dc
-from dbllm_compile.backends.dynamo import reset_stats, stats
+from dbllm_compile.backends.dynamo import stats
 from dbllm_compile.distill.losses import LossSpec, dad_weights, distill_loss
 from dbllm_compile.distill.step import build_step, logits_of, uses_cuda_graphs
 
@@ -58,12 +58,7 @@ def _models():
     return teacher, student, data
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    reset_stats()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.fixture
