@@ -97,8 +97,9 @@ def dbllm_backend(
     mode = mode or opts.mode
     patches: dict[str, Any] = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     if record.lowered.get("db_linear_train:decomposed"):
-        # The decomposition rounds the scales to scale_dtype and back; by default Inductor drops
-        # such round trips inside fused kernels, which would change the bits.
+        # Faithful low-precision casts in fused kernels where the version honours the flag. The
+        # scales' rounding does not rely on it (torch 2.11 ignored it): the decomposition rounds
+        # them with integer ops (train_decomposition.round_like_cast).
         patches["emulate_precision_casts"] = True
     patches.update(opts.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
