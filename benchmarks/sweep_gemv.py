@@ -5,7 +5,7 @@
 Each configuration: one layer, cold L2 (256 MiB flush), CUDA-graph replay, median of 20
 (``tuning._time_ms``). Writes ``DIR/sweep_gemv.json``.
 """
-import argparse, itertools, json, sys
+import argparse, itertools, json, os, sys
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ ap.add_argument("--bn", default="16,32,64")
 ap.add_argument("--bk", default="256,512")
 ap.add_argument("--warps", default="1,2,4")
 ap.add_argument("--splits", default="1,2,4,8")
+ap.add_argument("--loads", default="2", help="DBLLM_GEMV_LOADS values to sweep (backends/triton/gemv.py: 0 tl.load, "
+                "1 x in asm, 2 every load in asm); names of runs other than 2 end in '-L<value>'")
 args = ap.parse_args()
 args.out.mkdir(parents=True, exist_ok=True)
 flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")
@@ -42,7 +44,8 @@ for shape in args.shapes.split(","):
             best_tc = (c.short(), t)
     row["tc_best"] = best_tc
     ref = run_config(x, gw, None, KernelConfig.parse(best_tc[0])).float()
-    for bn, bk, w, sk in itertools.product(*(map(int, a.split(",")) for a in (args.bn, args.bk, args.warps, args.splits))):
+    for xv, bn, bk, w, sk in itertools.product(*(map(int, a.split(",")) for a in (args.loads, args.bn, args.bk, args.warps, args.splits))):
+        os.environ["DBLLM_GEMV_LOADS"] = str(xv)
         if bn * bk // 16 < 32 * w:  # fewer words than threads
             continue
         if sk > 1 and split_plan(k, bk, sk)[1] != sk:
@@ -53,9 +56,9 @@ for shape in args.shapes.split(","):
             err = ((y - ref).norm() / ref.norm()).item()
             t = tuning._time_ms(lambda: run_config(x, gw, None, c), flush, 20) * 1e3
         except Exception as e:
-            row["gemv"][c.short()] = str(e)[:100]
+            row["gemv"][c.short() + ("" if xv == 2 else f"-L{xv}")] = str(e)[:100]
             continue
-        row["gemv"][c.short()] = [round(t, 2), err]
+        row["gemv"][c.short() + ("" if xv == 2 else f"-L{xv}")] = [round(t, 2), err]
     ok = {kk: v[0] for kk, v in row["gemv"].items() if isinstance(v, list)}
     top = sorted(ok, key=ok.get)[:5]
     print(f"{n}x{k}: tc {best_tc[0]} {best_tc[1]:.1f} us; gemv best " + ", ".join(f"{t} {ok[t]:.1f}" for t in top), flush=True)

@@ -250,11 +250,26 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
         xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
         GROUP=gw.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=(k % cfg.block_k == 0),
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
-        SPLIT_K=1 if splits == 1 else cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_K=1 if splits == 1 else cfg.split_k, LOADS=_gemv_loads(xp, m, k, cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)
     return out
+
+
+def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
+    """How the gemv loads its operands (``db_gemv_kernel``'s ``LOADS``; see :mod:`.gemv`).
+
+    2 (every load in inline asm) or 1 (x only) need inline asm (not the interpreter), whole K
+    tiles and 16-byte aligned rows of x: the storage offset (in int32 pairs) and, with several
+    rows, the row stride multiples of 4 pairs (the allocation itself is at least 256-byte
+    aligned). ``DBLLM_GEMV_LOADS`` (default 2) picks a lower mode, for before/after timings.
+    """
+    want = int(os.environ.get("DBLLM_GEMV_LOADS", "2"))
+    if want == 0 or interpreted() or k % cfg.block_k:
+        return 0
+    return want if xp.storage_offset() % 4 == 0 and (m == 1 or xp.stride(0) % 4 == 0) else 0
 
 
 def launch_dequant(gw: GpuWeights, dtype: torch.dtype, cfg: KernelConfig | None = None,
