@@ -14,7 +14,7 @@ from triton_setup import DEVICE, GPU, assert_close, make_layer, reference
 import dbllm_compile  # noqa: F401
 import dbllm_compile.backends  # noqa: F401
 from dbllm_compile.backends import triton as dbt
-from dbllm_compile.backends.triton import launch, tuning
+from dbllm_compile.backends.triton import launch, splitk, tuning
 from dbllm_compile.backends.triton.launch import KernelConfig
 
 GEMV = KernelConfig(kind="gemv", block_n=16, block_k=128, num_warps=2, num_stages=1)
@@ -106,3 +106,102 @@ def test_gemv_names_parse_and_are_tuned_only_at_batch_1_fp16():
         packed, a1, a2, _, _ = make_layer(4, 64, 64)
         launch.launch_gemv(torch.zeros(1, 64, dtype=torch.float16, device=DEVICE),
                            dbt.to_gpu_layout(packed, a1, a2, 64, 64, torch.float16), None, KernelConfig())
+
+
+def test_gemv_candidates_are_valid_and_split_only_where_k_has_the_tiles():
+    """``tuning._GEMV`` x splits: every candidate fits the group size, launches exactly
+    ``split_k`` splits and gives each thread at least one code word; the 1024-wide tiles are
+    tried on the Llama shapes, and SmolLM2's K (576: one 1024 tile, 1536: two) drops the splits
+    their tiles cannot fill."""
+    gemv = lambda n, k, g: [c for c in tuning.candidates(1, n, k, g, sms=132, dtype=torch.float16)  # noqa: E731
+                            if c.kind == "gemv"]
+    for n, k in [(4096, 4096), (4096, 11008), (28672, 8192), (576, 576), (1536, 576), (576, 1536)]:
+        for g in (32, 64, 128):
+            cands = gemv(n, k, g)
+            assert cands and len({c.short() for c in cands}) == len(cands)
+            for c in cands:
+                launch.check_config(c, g)
+                assert splitk.split_plan(k, c.block_k, c.split_k)[1] == c.split_k, (k, c.short())
+                assert c.block_n * c.block_k // 16 >= 32 * c.num_warps, c.short()
+    names = {c.short() for c in gemv(4096, 4096, 64)}
+    assert {"gemv4x1024w1s3", "gemv4x1024w2s3sk4", "gemv2x1024w1s3sk2", "gemv16x512w1s3"} <= names
+    assert len(names) == len(tuning._GEMV) * len(tuning._GEMV_SPLITS)  # 4096 / 1024 = 4 tiles: all splits
+    k576 = {c.short() for c in gemv(576, 576, 64)}
+    assert {"gemv4x1024w1s3", "gemv4x512w1s3sk2"} <= k576
+    assert not any(c.block_k == 1024 and c.split_k > 1 for c in gemv(576, 576, 64))
+    assert {c.split_k for c in gemv(576, 1536, 64) if c.block_k == 1024} == {1, 2}
+
+
+# ---------------------------------------------------------------- which loads (LOADS) the gemv uses
+
+GEMV512 = KernelConfig(kind="gemv", block_n=4, block_k=512, num_warps=1, num_stages=3)
+
+
+def _pairs(rows: int, width: int, start: int, k: int) -> torch.Tensor:
+    """fp16 pairs of ``x = buf[:, start:start + k]`` of a ``[rows, width]`` buffer, as ``launch_gemv``
+    passes them (``x.view(torch.int32)``): storage offset ``start / 2``, row stride ``width / 2`` pairs."""
+    x = torch.zeros(rows, width, dtype=torch.float16)[:, start:start + k]
+    return x.view(torch.int32)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """``_gemv_loads`` as on a GPU (no interpreter), default ``DBLLM_GEMV_LOADS``."""
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    monkeypatch.delenv("DBLLM_GEMV_LOADS", raising=False)
+
+
+def test_gemv_loads_default_is_all_asm_for_aligned_whole_tiles(compiled):
+    xp = _pairs(1, 4096, 0, 4096)
+    assert (xp.storage_offset(), xp.shape) == (0, (1, 2048))
+    assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 2
+    xp = _pairs(1, 4096 + 16, 8, 4096)  # 8 halves = 4 pairs = 16 bytes in: still aligned
+    assert xp.storage_offset() == 4 and launch._gemv_loads(xp, 1, 4096, GEMV512) == 2
+
+
+def test_gemv_loads_is_tl_load_for_a_partial_k_tile(compiled):
+    k = 4160  # 8 tiles of 512 and a partial one; 65 whole tiles of 64
+    xp = _pairs(1, k, 0, k)
+    assert launch._gemv_loads(xp, 1, k, GEMV512) == 0
+    assert launch._gemv_loads(xp, 1, k, KernelConfig(kind="gemv", block_n=4, block_k=64, num_warps=1)) == 2
+    assert launch._gemv_loads(_pairs(1, 576, 0, 576), 1, 576,
+                              KernelConfig(kind="gemv", block_n=4, block_k=1024, num_warps=1)) == 0
+
+
+@pytest.mark.parametrize("start", [2, 4, 6, 10])
+def test_gemv_loads_is_tl_load_for_x_not_16_byte_aligned(compiled, start):
+    """Storage offsets of 1, 2, 3 and 5 pairs (4-byte aligned: the gemv runs, but not vectorised)."""
+    xp = _pairs(1, 4096 + 16, start, 4096)
+    assert xp.storage_offset() == start // 2
+    assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 0
+
+
+def test_gemv_loads_checks_the_row_stride_with_several_rows_only(compiled):
+    aligned = _pairs(3, 4096 + 8, 0, 4096)  # row stride 2052 pairs = 4 x 513
+    assert aligned.stride(0) == 2052 and launch._gemv_loads(aligned, 3, 4096, GEMV512) == 2
+    odd = _pairs(3, 4096 + 4, 0, 4096)  # row stride 2050 pairs: row 1 starts 8 bytes off
+    assert odd.stride(0) == 2050 and launch._gemv_loads(odd, 3, 4096, GEMV512) == 0
+    one = _pairs(1, 4096 + 4, 0, 4096)  # a single row: its stride is never used
+    assert one.stride(0) == 2050 and launch._gemv_loads(one, 1, 4096, GEMV512) == 2
+
+
+def test_gemv_loads_follows_the_environment(compiled, monkeypatch):
+    xp = _pairs(1, 4096, 0, 4096)
+    monkeypatch.setenv("DBLLM_GEMV_LOADS", "1")
+    assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 1
+    assert launch._gemv_loads(_pairs(1, 4096 + 16, 2, 4096), 1, 4096, GEMV512) == 0  # x vectors: aligned only
+    monkeypatch.setenv("DBLLM_GEMV_LOADS", "0")
+    assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 0
+    monkeypatch.setenv("DBLLM_GEMV_LOADS", "2")
+    assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 2
+
+
+def test_gemv_loads_is_tl_load_under_the_interpreter(monkeypatch):
+    """No inline asm in the interpreter: 0 whatever ``DBLLM_GEMV_LOADS`` asks for."""
+    xp = _pairs(1, 4096, 0, 4096)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for want in ("1", "2"):
+        monkeypatch.setenv("DBLLM_GEMV_LOADS", want)
+        assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the same call compiled: all asm
+    assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 2
