@@ -27,6 +27,17 @@ tensor-core kernel otherwise). Rows of ``x`` (M > 1) are a grid axis: each re-de
 weights, so only M = 1 gets this kernel from the tuner. ``SPLIT_K > 1`` as in the tensor-core
 kernel: a float32 partial per split, summed by :func:`~.splitk.splitk_reduce_kernel`.
 
+Loads (``LOADS``, chosen by :func:`~.launch._gemv_loads`). With ``tl.load`` (``LOADS=0``)
+Triton vectorises the code words four per thread (one group of a row) and reads x in another
+layout, one 4-byte load per pair, moving the pairs between threads with warp shuffles: on an
+H100 that kept the L1 85% busy at 27% of the DRAM rate (Nsight Compute, 12,288 x 4,096).
+``LOADS=2`` reads the code words, the two scales of a group (one ``int32``) and each word's
+eight x pairs (two 16-byte vectors) in inline asm. Nothing then ties the tensors to a layout,
+and Triton keeps its default one: each thread decodes one word position of every row of the
+tile, so its x vector serves all ``BLOCK_N`` rows (L1 11% busy) and no value crosses threads
+until the final sum. It needs whole K tiles and 16-byte aligned rows of x; otherwise
+``LOADS=0``. ``LOADS=1`` (x only in asm) is kept for before/after timings.
+
 Under the Triton interpreter (no inline asm) the same table lookup runs with integer ops and
 the products are summed in float32.
 """
@@ -100,12 +111,7 @@ def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, k_pairs, BLOCK_K: 
                X_VEC: tl.constexpr):
     """Code words, scales and the eight x pairs of each word of K tile ``k0`` (nothing read unless ``k0 < k_hi``).
 
-    ``X_VEC`` (needs ``EVEN_K``, inline asm and 16-byte aligned rows of x): each word's eight x
-    pairs are read by the thread that decodes the word, as two 16-byte vector loads in one asm
-    block, in the layout of the word tensor. Plain ``tl.load`` of the eight pairs makes Triton
-    read them in another layout (threads over words, one 4-byte load per pair: 32-byte strided,
-    7/8 of each sector unused) and then move them between threads with warp shuffles; on an
-    H100 that kept the L1 85% busy at half the DRAM rate (Nsight Compute, 12,288 x 4,096).
+    ``X_VEC``: x as two 16-byte vectors per word in inline asm (``LOADS=1``, module docstring).
     """
     ok = (word * 0 + k0) < k_hi  # [1, NGT, WPG] (a tensor: the interpreter rejects scalar masks)
     words = tl.load(qw_ptrs, mask=ok, other=0)
