@@ -9,7 +9,8 @@
 # compiled through the dbllm backend and run under CUDA graphs: the CLI default on CUDA), with
 # every quantized linear's input Hadamard-rotated (the CLI default --rotation-block 64), packed
 # evaluation on the first 40 windows of 512 tokens of WikiText-2 test. Measured on an H100
-# (docs/results.md 3.0e, 2026-11-24): 65.2 in 21.8 min (full precision 28.74). The run directory
+# (docs/results.md 3.0e and 3.0f, 2026-11-24): 65.2 in 21.8 min, 64.5 in 23.8 min after the
+# compiled step's scale-rounding fix (full precision 28.74). The run directory
 # OUT_DIR-run/ holds the checkpoint: running the same command again after a kill or a timeout
 # resumes where it stopped.
 set -euo pipefail

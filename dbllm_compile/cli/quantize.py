@@ -143,7 +143,8 @@ BUDGETS: dict[str, dict[str, int]] = {
     # ~9% to a compiled step (results.md 3.0a). With DistillConfig's end-to-end learning rates
     # raised 2.5x (5e-4 / 5e-5, 2026-11-24, results.md 3.0a): 71.0. Since the end-to-end step runs
     # under CUDA graphs (77 ms against 176 ms, results.md 3.0e): 2x the calibration text, 300
-    # block-wise steps per block and 5,000 end-to-end steps, 65.2 in 21.8 min.
+    # block-wise steps per block and 5,000 end-to-end steps, 65.2 in 21.8 min (64.5 in 23.8 min
+    # after the compiled step's scale-rounding fix, results.md 3.0f).
     "gpu": {"tokens": 1024 * 512, "calib_seq_len": 512, "block_steps": 300, "steps": 5000, "batch_size": 8,
             "act_steps": 300},
 }
