@@ -196,6 +196,13 @@ def test_gemv_loads_follows_the_environment(compiled, monkeypatch):
     assert launch._gemv_loads(xp, 1, 4096, GEMV512) == 2
 
 
+@pytest.mark.parametrize("bad", ["3", "asm", ""])
+def test_gemv_loads_rejects_an_unknown_mode(compiled, monkeypatch, bad):
+    monkeypatch.setenv("DBLLM_GEMV_LOADS", bad)
+    with pytest.raises(ValueError, match="DBLLM_GEMV_LOADS must be 0, 1 or 2"):
+        launch._gemv_loads(_pairs(1, 4096, 0, 4096), 1, 4096, GEMV512)
+
+
 def test_gemv_loads_is_tl_load_under_the_interpreter(monkeypatch):
     """No inline asm in the interpreter: 0 whatever ``DBLLM_GEMV_LOADS`` asks for."""
     xp = _pairs(1, 4096, 0, 4096)

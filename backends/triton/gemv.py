@@ -107,6 +107,14 @@ def _half(pair, HI: tl.constexpr):
 
 
 @triton.jit
+def _ld_x_pairs(addr):
+    """The eight fp16 pairs (``int32``) at each 16-byte aligned address of ``addr`` (int64): two vector loads."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];",
+        "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
 def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, k_pairs, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                X_VEC: tl.constexpr):
     """Code words, scales and the eight x pairs of each word of K tile ``k0`` (nothing read unless ``k0 < k_hi``).
@@ -121,9 +129,7 @@ def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, k_pairs, BLOCK_K: 
     if EVEN_K and X_VEC:  # each thread's 8 pairs of a word as one 32-byte vector (two 16-byte loads)
         # an address past the split (the discarded prefetch of the last tile) is replaced by a valid one
         addr = tl.where(ok, x_ptrs, x_ptrs - k0 * (BLOCK_K // 2)).to(tl.int64, bitcast=True)
-        x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
-            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];",
-            "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_pairs(addr)
     elif EVEN_K:
         x0 = tl.load(x_ptrs, mask=ok, other=0)
         x1 = tl.load(x_ptrs + 1, mask=ok, other=0)
@@ -170,9 +176,7 @@ def _load_tile_asm(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.co
     xa = tl.where(ok, x_ptrs, x_ptrs - k0 * (BLOCK_K // 2)).to(tl.int64, bitcast=True)
     words = _ld32(qa)
     sc = _ld32(sa)
-    x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
-        "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];",
-        "=r,=r,=r,=r,=r,=r,=r,=r,l", [xa], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_pairs(xa)
     return words, sc, sc, x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -229,7 +233,8 @@ def db_gemv_kernel(
 
     acc = tl.zeros((BLOCK_N, NGT, WPG), dtype=tl.float32)
     # software pipelining by hand (Triton pipelines loads that feed a dot only): the loads of
-    # tile k0 + 1 are issued before tile k0 is decoded; a tile past the split is not loaded
+    # tile k0 + 1 are issued before tile k0 is decoded; the tile past the split is masked out
+    # (tl.load) or re-reads tile 0 (asm loads), and its values are never used
     if LOADS == 2:
         words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile_asm(
             qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k_lo, k_hi, BLOCK_K, NGT)

@@ -266,7 +266,10 @@ def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
     rows, the row stride multiples of 4 pairs (the allocation itself is at least 256-byte
     aligned). ``DBLLM_GEMV_LOADS`` (default 2) picks a lower mode, for before/after timings.
     """
-    want = int(os.environ.get("DBLLM_GEMV_LOADS", "2"))
+    raw = os.environ.get("DBLLM_GEMV_LOADS", "2")
+    if raw not in ("0", "1", "2"):
+        raise ValueError(f"DBLLM_GEMV_LOADS must be 0, 1 or 2, got {raw!r}; unset it for the default (2)")
+    want = int(raw)
     if want == 0 or interpreted() or k % cfg.block_k:
         return 0
     return want if xp.storage_offset() % 4 == 0 and (m == 1 or xp.stride(0) % 4 == 0) else 0

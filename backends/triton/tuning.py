@@ -142,18 +142,11 @@ _SMALL_SPLIT_BASES = [(64, 256, 4, 4), (32, 128, 2, 4)]
 # prefetch change, programs of one warp and 4-16 rows x 512 features were the fastest on every
 # shape (warps 1-2 swept); before it, 2- and 4-warp programs had won 4096 x 4096. Programs of
 # 128 rows left too few warps per SM (Nsight: 10.5% achieved occupancy).
-# With every load in inline asm (``LOADS=2``, :func:`.launch._gemv_loads`) a later sweep (one
-# layer, cold L2) had 1024-feature tiles first on every shape: gemv4x1024w1s3 on 12288 x 4096,
-# 22016 x 4096 and 28672 x 8192 (15.0, 23.2, 47.0 us), gemv4x1024w4s3 / gemv2x1024w2s3 on
-# 4096 x 4096 (9.0-9.1 us), gemv4x1024w2s3 / gemv2x1024w1s3 on 8192 x 8192 (18.9 us),
-# gemv8x1024w2s3 close behind; gemv4x512w1s3 and gemv8x512w1s3 within 1-5%. The four 1024-wide
-# entries below are the winners of the three large shapes and of 8192 x 8192, and that
-# runner-up; 4096 x 4096's two winners are not tried (each entry adds up to three timed
-# configs, one per split, to the tuning of every M = 1 shape). 16 x 512 stays: the choice where K
-# is not a multiple of the tile (e.g. 4096 x 11008), whose partial tiles run ``LOADS=0``
-# (``tl.load``). Every entry has BLOCK_K dividing :data:`.layout.K_ALIGN`, so any group size
-# that divides 512 fits (:func:`.launch.config_fits`), and at least one code word per thread
-# (BLOCK_N * BLOCK_K / 16 >= 32 * warps: no thread only repeats another's word).
+# With every load in inline asm (``LOADS=2``, :func:`.launch._gemv_loads`), 1024-feature tiles
+# won a later sweep on every shape (gemv_loads_h100_2026-11-24/sweep_loads2_bk512_1024.json);
+# the four 1024-wide entries are those winners (each entry adds up to three timed configs per
+# M = 1 shape, so 4096 x 4096's own winners are left out). 16 x 512 stays for K that is not a
+# multiple of the tile (4096 x 11008), which runs ``LOADS=0``.
 _GEMV = [(4, 512, 1, 3), (8, 512, 1, 3), (16, 512, 1, 3),
          (2, 1024, 1, 3), (4, 1024, 1, 3), (4, 1024, 2, 3), (8, 1024, 2, 3)]
 _GEMV_SPLITS = (1, 2, 4)
