@@ -101,6 +101,9 @@ def main() -> int:
     ap.add_argument("--decode-profile", type=int, default=0, metavar="TOKENS",
                     help="also profile one generation of TOKENS new tokens per variant (top kernels by device time)")
     ap.add_argument("--greedy-tokens", type=int, default=32)
+    ap.add_argument("--attention", choices=["sdpa", "dbllm"], default="sdpa",
+                    help="decode attention of both models: PyTorch SDPA, or the Triton decode-attention kernel "
+                         "(dbllm_compile.attention)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,7 +146,7 @@ def main() -> int:
         extra = {"dbllm_unfused": {"init": "maxabs", "fuse_siblings": False}} if args.decode_unfused else None
         result["decode"] = decode_speed(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                         options={"init": "maxabs"}, extra=extra,
-                                        profile_tokens=args.decode_profile)
+                                        profile_tokens=args.decode_profile, attention=args.attention)
         result["decode"]["layers"] = model.config.num_hidden_layers
         del model
         torch.cuda.empty_cache() if device == "cuda" else None

@@ -51,8 +51,11 @@ def llama_model(shape: str, device: str, dtype: torch.dtype, layers: int | None 
 
 def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, options: dict[str, Any],
                  mode: str | None = "auto", extra: dict[str, dict[str, Any]] | None = None,
-                 profile_tokens: int = 0) -> dict[str, Any]:
+                 profile_tokens: int = 0, attention: str | None = None) -> dict[str, Any]:
     """Prefill/decode tokens per second and peak memory: fp baseline vs 2-bit, same model, same run.
+
+    ``attention``: :class:`~dbllm_compile.generate.StaticCacheGenerator`'s option, the same for
+    every variant (``"dbllm"``: the Triton decode attention for the fp baseline too).
 
     ``extra``: more ``backend="dbllm"`` variants timed in the same run, by name (e.g.
     ``{"dbllm_unfused": {**options, "fuse_siblings": False}}``); each gets its own
@@ -65,14 +68,15 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": str(next(model.parameters()).dtype)}
+    out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": str(next(model.parameters()).dtype),
+                           "attention": attention or getattr(model.config, "_attn_implementation", None)}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     variants = [("baseline", "inductor", None), ("dbllm", "dbllm", options)]
     variants += [(name, "dbllm", opts) for name, opts in (extra or {}).items()]
     for name, backend, opts in variants:
         reset_stats()
         gen = StaticCacheGenerator(model, max_cache_len=prompt_len + new_tokens + 8, backend=backend,
-                                   options=opts, mode=mode)
+                                   options=opts, mode=mode, attention=attention)
         t0 = time.perf_counter()
         gen.generate(ids, new_tokens)  # compiles prefill and decode
         gen.generate(ids, new_tokens)  # CUDA graphs record on the first replays

@@ -128,6 +128,9 @@ class StaticCacheGenerator:
         options: backend options (``torch.compile(options=...)``).
         mode: compile mode of the decode step; default ``"reduce-overhead"`` on CUDA, none on CPU.
         prefill_mode: compile mode of the prefill step (default none).
+        attention: None keeps the model's attention implementation; ``"dbllm"`` switches the
+            model (in place) to :mod:`dbllm_compile.attention`: decode steps run the Triton
+            decode-attention kernel, everything else SDPA; ``"sdpa"`` switches it to SDPA.
     """
 
     def __init__(
@@ -139,8 +142,17 @@ class StaticCacheGenerator:
         options: Mapping[str, Any] | None = None,
         mode: str | None = "auto",
         prefill_mode: str | None = None,
+        attention: str | None = None,
     ):
         self.model = model.eval()
+        if attention == "dbllm":
+            from dbllm_compile.attention import use_decode_attention
+
+            use_decode_attention(model)
+        elif attention == "sdpa":
+            model.set_attn_implementation("sdpa")
+        elif attention is not None:
+            raise DBLLMError(f"StaticCacheGenerator: attention={attention!r}; use None, 'sdpa' or 'dbllm'")
         self.max_cache_len = max_cache_len
         self.device = next(model.parameters()).device
         if mode == "auto":

@@ -8,6 +8,8 @@
 - :mod:`.tuning`: configuration choice per shape, cached on disk per GPU model.
 - :mod:`.dispatch`: the CUDA implementation of ``torch.ops.dbllm.db_linear`` (weight cache).
 - :mod:`.prepared_op`: ``torch.ops.dbllm.db_linear_gpu``, a ``triton_op`` on prepared weights.
+- :mod:`.decode_attention`: ``torch.ops.dbllm.decode_attention``, one query token against a KV
+  cache (split-KV Triton kernel), used by :mod:`dbllm_compile.attention` for decode steps.
 - :mod:`.a4` / :mod:`.int_dispatch`: 4-bit activations: the quantization kernel and the int8
   GEMMs, and the CUDA implementations of ``dbllm::act_quant_int`` / ``dbllm::db_linear_a4``;
   :mod:`.a4_reference` (level modes ``exact``/``group``/``row``, float64 references, no Triton)
@@ -57,7 +59,7 @@ def register() -> None:
         return
     from dbllm_compile import ops
 
-    from . import prepared_op  # noqa: F401  (defines torch.ops.dbllm.db_linear_gpu)
+    from . import decode_attention, prepared_op  # noqa: F401  (define dbllm::db_linear_gpu, dbllm::decode_attention)
 
     ops.db_linear.register_kernel("cuda")(db_linear_cuda)
     from dbllm_compile import ops_int
