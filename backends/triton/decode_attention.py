@@ -167,11 +167,7 @@ def _mask_view(mask: torch.Tensor | None, b: int, h: int, length: int) -> tuple[
     while m4.dim() < 4:
         m4 = m4.unsqueeze(0)
     m3 = m4.expand(b, h, 1, length)[:, :, 0, :]
-    if m3.dtype == torch.bool:
-        m3 = m3.view(torch.uint8)
-        mode = 1
-    else:
-        mode = 2
+    mode = 1 if m3.dtype == torch.bool else 2  # bool read as is (a dtype view does not lower in Inductor)
     return m3, mode, (m3.stride(0), m3.stride(1), m3.stride(2))
 
 

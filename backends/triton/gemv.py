@@ -159,7 +159,8 @@ def _ld32(addr):
 
 
 @triton.jit
-def _load_tile_asm(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.constexpr, NGT: tl.constexpr):
+def _load_tile_asm(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.constexpr, NGT: tl.constexpr,
+                   COHERENT: tl.constexpr = False):
     """:func:`_load_tile` with every load in inline asm (``LOADS=2``; whole K tiles only).
 
     Nothing constrains the tensors' layout then, and Triton keeps its default one for the word
@@ -168,16 +169,44 @@ def _load_tile_asm(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.co
     vectorises them four words per thread, and x serves two rows). Returns the two scales of
     a group as one ``int32`` (``a1`` low half) twice, in place of ``a1, a2``.
     """
+    words, sc = _load_weights_asm(qw_ptrs, sc_ptrs, word, grp, k0, k_hi, BLOCK_K, NGT)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _load_x_asm(x_ptrs, word, k0, k_hi, BLOCK_K, COHERENT)
+    return words, sc, sc, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _load_weights_asm(qw_ptrs, sc_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.constexpr, NGT: tl.constexpr):
+    """Code words and packed scales of K tile ``k0`` (a tile past the split re-reads tile 0)."""
     ok = (word * 0 + k0) < k_hi
     ok_g = (grp * 0 + k0) < k_hi
-    # a tile past the split (the discarded prefetch after the last one) reads tile 0 instead
     qa = tl.where(ok, qw_ptrs, qw_ptrs - k0 * (BLOCK_K // 16)).to(tl.int64, bitcast=True)
     sa = tl.where(ok_g, sc_ptrs, sc_ptrs - k0 * (NGT * 2)).to(tl.int64, bitcast=True)
+    return _ld32(qa), _ld32(sa)
+
+
+@triton.jit
+def _load_x_asm(x_ptrs, word, k0, k_hi, BLOCK_K: tl.constexpr, COHERENT: tl.constexpr = False):
+    """The eight x pairs of each word of K tile ``k0`` (a tile past the split re-reads tile 0).
+
+    ``COHERENT`` (with PDL): plain ``ld.global``, which ptxas keeps after ``griddepcontrol.wait``;
+    it moves ``ld.global.nc`` (read-only for the kernel's lifetime) above the wait, where x may
+    not be written yet.
+    """
+    ok = (word * 0 + k0) < k_hi
     xa = tl.where(ok, x_ptrs, x_ptrs - k0 * (BLOCK_K // 2)).to(tl.int64, bitcast=True)
-    words = _ld32(qa)
-    sc = _ld32(sa)
-    x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_pairs(xa)
-    return words, sc, sc, x0, x1, x2, x3, x4, x5, x6, x7
+    if COHERENT:
+        return tl.inline_asm_elementwise(
+            "ld.global.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+16];",
+            "=r,=r,=r,=r,=r,=r,=r,=r,l", [xa], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    return _ld_x_pairs(xa)
+
+
+@triton.jit
+def _prefetch_l2(addr):
+    """``prefetch.global.L2`` of each address (a side effect: ptxas keeps it before a later
+    ``griddepcontrol.wait``)."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -201,7 +230,7 @@ def db_gemv_kernel(
     stride_xm, stride_qn, stride_sn, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    LOADS: tl.constexpr = 0,
+    LOADS: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """``out[m, n-block]`` for one row ``m = program_id(2)`` of x; grid ``(cdiv(N, BLOCK_N), splits, M)``."""
     pid_n = tl.program_id(0)
@@ -235,19 +264,30 @@ def db_gemv_kernel(
     # software pipelining by hand (Triton pipelines loads that feed a dot only): the loads of
     # tile k0 + 1 are issued before tile k0 is decoded; the tile past the split is masked out
     # (tl.load) or re-reads tile 0 (asm loads), and its values are never used
+    # PDL (programmatic dependent launch, LOADS=2 only): the weights do not depend on the kernel
+    # before this one, so the first tile's are requested (and the second's prefetched to L2)
+    # before waiting for that kernel (griddepcontrol.wait); x is read after the wait, with
+    # coherent loads (ptxas moves ld.global.nc above the wait)
     if LOADS == 2:
-        words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile_asm(
-            qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k_lo, k_hi, BLOCK_K, NGT)
-    else:
+        if PDL:  # the prefetch of the second tile also keeps ptxas from hoisting the wait to the top
+            nxt = tl.where((word * 0 + k_lo + 1) < k_hi, qw_ptrs + NW, qw_ptrs)
+            _prefetch_l2(nxt.to(tl.int64, bitcast=True))
+            tl.extra.cuda.gdc_wait()
+        words, a1 = _load_weights_asm(qw_ptrs, sc_ptrs, word, grp_row, k_lo, k_hi, BLOCK_K, NGT)
+        a2 = a1
+        x0, x1, x2, x3, x4, x5, x6, x7 = _load_x_asm(x_ptrs, word, k_lo, k_hi, BLOCK_K, PDL)
+    else:  # (PDL runs with LOADS=2 only, launch._gemv_pdl)
         words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile(
             qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k_lo, k_hi, k_pairs, BLOCK_K, EVEN_K, LOADS == 1)
+    if PDL:  # the next kernel may start launching (it waits for this grid before reading)
+        tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_lo, k_hi):
         qw_ptrs += NW
         sc_ptrs += NGT * 2
         x_ptrs += BLOCK_K // 2
         if LOADS == 2:
             nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7 = _load_tile_asm(
-                qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k0 + 1, k_hi, BLOCK_K, NGT)
+                qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k0 + 1, k_hi, BLOCK_K, NGT, PDL)
             lut_lo, lut_hi = _packed_luts(a1)
         else:
             nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7 = _load_tile(

@@ -244,18 +244,30 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     if m == 1 and x2.stride(0) % 2:
         x2 = x2.as_strided((1, k), (k, 1))  # the row stride of a single row is never used
     xp = x2.view(torch.int32)  # fp16 pairs
+    loads = _gemv_loads(xp, m, k, cfg)
     _kernel(db_gemv_kernel, wrap)[(triton_cdiv(n, cfg.block_n), splits, m)](
         xp, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
         m, n, k, per_split if splits > 1 else 1,
         xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
         GROUP=gw.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=(k % cfg.block_k == 0),
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
-        SPLIT_K=1 if splits == 1 else cfg.split_k, LOADS=_gemv_loads(xp, m, k, cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_K=1 if splits == 1 else cfg.split_k, LOADS=loads,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_gemv_pdl(loads),
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)
     return out
+
+
+def _gemv_pdl(loads: int) -> dict:
+    """``PDL`` and ``launch_pdl`` of a gemv launch: programmatic dependent launch when
+    ``DBLLM_GEMV_PDL=1`` (experimental), with ``LOADS=2`` on Hopper or later (see :mod:`.gemv`)."""
+    raw = os.environ.get("DBLLM_GEMV_PDL", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"DBLLM_GEMV_PDL must be 0 or 1, got {raw!r}; unset it for the default (0)")
+    if raw == "0" or loads != 2 or torch.cuda.get_device_capability()[0] < 9:
+        return {}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
