@@ -73,7 +73,7 @@ def decode_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0)
-    q = q.to(tl.float32) * qk_scale
+    q = (q.to(tl.float32) * qk_scale).to(tl.float32)  # Inductor passes the float scale as fp64
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     m_base = mask_ptr + b * stride_mb + h.to(tl.int64) * stride_mh
