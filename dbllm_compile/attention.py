@@ -4,8 +4,8 @@
 :func:`use_decode_attention` registers the name ``"dbllm"`` (attention function and mask
 function) and switches a model to it:
 
-- one query token (a decode step), no dropout, no soft-capping, no position bias, no attention
-  sinks: the Triton kernel of :mod:`dbllm_compile.backends.triton.decode_attention` on CUDA
+- one query token (a decode step), a cache of at most :data:`MAX_CACHE_LEN` positions, no
+  dropout, no soft-capping, no position bias, no attention sinks: the Triton kernel of :mod:`dbllm_compile.backends.triton.decode_attention` on CUDA
   (float32 PyTorch reference elsewhere);
 - anything else (prefill, training, the cases above): ``transformers``' own SDPA function,
   unchanged.
@@ -32,6 +32,10 @@ from dbllm_compile.errors import DBLLMError
 __all__ = ["ATTENTION_NAME", "decode_attention_forward", "register", "use_decode_attention"]
 
 ATTENTION_NAME = "dbllm"
+MAX_CACHE_LEN = 512
+"""Longest KV cache (static cache length) the kernel takes; longer ones go to SDPA, which is faster
+there on an H100 (``benchmarks/bench_attention.py``: at 1,024 and 4,096 cached positions cuDNN
+and FlashAttention read the cache at a higher rate than this split-KV kernel)."""
 _registered = False
 
 
@@ -50,7 +54,8 @@ def decode_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     special = (kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
                or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
                or kwargs.get("output_attentions", False) or kwargs.get("cache") is not None)
-    if query.shape[2] != 1 or dropout != 0.0 or special or not _op_available():
+    if (query.shape[2] != 1 or dropout != 0.0 or special or key.shape[-2] > MAX_CACHE_LEN
+            or not _op_available()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if attention_mask is not None:

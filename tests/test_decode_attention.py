@@ -168,6 +168,20 @@ def test_hf_model_decode_matches_sdpa(tiny_llama, monkeypatch):
     assert torch.equal(comp.generate(ids, max_new_tokens=6).tokens, base.tokens)
 
 
+def test_long_caches_go_to_sdpa(tiny_llama, monkeypatch):
+    import dbllm_compile.attention as att
+    from dbllm_compile.generate import StaticCacheGenerator
+
+    calls = []
+    orig = att._run_op
+    monkeypatch.setattr(att, "_run_op", lambda *a: calls.append(1) or orig(*a))
+    monkeypatch.setattr(att, "MAX_CACHE_LEN", 8)
+    ids = torch.tensor([[1, 5, 9, 3]], device=DEVICE)
+    gen = StaticCacheGenerator(tiny_llama.to(DEVICE), max_cache_len=16, backend=None, attention="dbllm")
+    gen.generate(ids, max_new_tokens=3)
+    assert not calls
+
+
 def test_use_decode_attention_rejects_non_hf_models(mlp):
     from dbllm_compile.attention import use_decode_attention
     from dbllm_compile.errors import DBLLMError
