@@ -9,6 +9,7 @@ the order of the float32 accumulation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -87,6 +88,21 @@ def test_decode_candidates(nk):
     default = tuning.default_config(1, n, k, 64, sms=132)
     assert default in cands  # the tuner always measures the untuned default
     assert all(c.split_k == 1 for c in tuning.candidates(17, n, k, 64, sms=132))
+
+
+def test_tuning_pick_prefers_fewer_launches_within_margin():
+    gemv = KernelConfig(kind="gemv", block_n=2, block_k=1024, num_warps=1)
+    gemv_sk = dataclasses.replace(gemv, split_k=4)
+    fused_sk = KernelConfig(block_m=16, block_n=128, block_k=256, split_k=4)
+    fused = KernelConfig(block_m=16, block_n=64, block_k=256)
+    ms = {gemv.short(): 8.2, gemv_sk.short(): 8.0, fused_sk.short(): 7.95, fused.short(): 8.1}
+    # all within 4% of 7.95: single launch first, then the gemv kind
+    assert tuning.pick([fused_sk, gemv_sk, fused, gemv], ms) == gemv
+    assert tuning.pick([fused_sk, gemv_sk, fused], ms) == fused
+    # a clear win (more than the margin) is kept even with more launches
+    ms[fused_sk.short()] = 6.0
+    assert tuning.pick([fused_sk, gemv_sk, fused, gemv], ms) == fused_sk
+    assert tuning.launches(KernelConfig(kind="dequant")) == 2 and tuning.launches(gemv_sk) == 2
 
 
 # ---------------------------------------------------------------- config names, errors, cache
