@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL) and L2 prefetch for the batch-1 gemv: a decode layer's kernel chain.
+"""Programmatic dependent launch (PDL) for the batch-1 gemv: a decode layer's kernel chain, with and without.
 
 A Llama-2-7B decoder layer at batch 1 without attention, as a chain of kernels inside one CUDA
 graph over a stack of layers larger than L2:
@@ -14,12 +14,7 @@ process, same weights, same tuned gemv configs:
   requested before ``griddepcontrol.wait``), the small kernels without;
 - ``small``: the small kernels with PDL, the gemvs without;
 - ``all``: the small kernels launched with PDL too (``gdc_wait`` before their first load,
-  ``gdc_launch_dependents`` after it), as ``TORCHINDUCTOR_ENABLE_PDL=1`` makes Inductor do;
-- ``prefetch``: no PDL; each gemv, once done, asks for the next gemv's weights to be brought
-  into L2 (``launch_gemv(prefetch=...)``); ``prefetch_all``: that and ``all``.
-
-``--idle-us``: a sleep kernel per layer, a stand-in for attention and the kernels around it
-(in the real model's decode step about 17 us per layer run outside the gemvs).
+  ``gdc_launch_dependents`` after it), as ``TORCHINDUCTOR_ENABLE_PDL=1`` makes Inductor do.
 
 Checks that every variant gives the same output as ``off`` (bit for bit). Writes JSON.
 
@@ -93,8 +88,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("pdl.json"))
     ap.add_argument("--layers", type=int, default=8, help="layers in the graph (8: about 500 MB of 2-bit weights)")
-    ap.add_argument("--idle-us", type=float, default=0.0,
-                    help="a sleep kernel of this many microseconds per layer (DRAM idle, as during attention)")
     args = ap.parse_args()
     import dbllm_compile.backends  # noqa: F401
     from dbllm_compile.backends.triton import launch
@@ -106,8 +99,6 @@ def main() -> int:
               for _ in range(args.layers)]
     h0 = torch.randn(1, hidden, device="cuda", dtype=torch.float16)
     norm_w = torch.ones(hidden, device="cuda", dtype=torch.float16)
-    wait_us = args.idle_us
-    sleep_cycles = int(wait_us * torch.cuda.get_device_properties(0).clock_rate / 1e3)  # clock_rate: kHz
     cfgs = {}
     for name, (n, k) in shapes.items():
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
@@ -117,51 +108,39 @@ def main() -> int:
     xn = torch.empty(1, hidden, device="cuda", dtype=torch.float16)
     act = torch.empty(1, inter, device="cuda", dtype=torch.float16)
 
-    order = [lw[name] for lw in layers for name in shapes]  # the gemvs in the order they run
-
-    def chain(pdl_small: bool, pf: bool = False) -> None:
-        nxt = {id(w): (order[i + 1] if pf and i + 1 < len(order) else None) for i, w in enumerate(order)}
-
-        def gemv(x, w, cfg):
-            return launch.run_config(x, w, None, cfg, prefetch=nxt[id(w)])
-
+    def chain(pdl_small: bool) -> None:
         for lw in layers:
             _small(_rms_kernel, (1,), h, norm_w, xn, hidden, block=hidden, pdl=pdl_small)
-            qkv = gemv(xn, lw["qkv"], cfgs["qkv"])
+            qkv = launch.run_config(xn, lw["qkv"], None, cfgs["qkv"])
             _small(_add_kernel, (triton.cdiv(hidden, 1024),), xn, qkv, hidden, block=1024, pdl=pdl_small)
-            if wait_us:  # stand-in for rope and attention: DRAM idle for a while
-                torch.cuda._sleep(sleep_cycles)
-            o = gemv(xn, lw["o"], cfgs["o"])
+            o = launch.run_config(xn, lw["o"], None, cfgs["o"])
             _small(_add_kernel, (triton.cdiv(hidden, 1024),), h, o, hidden, block=1024, pdl=pdl_small)
             _small(_rms_kernel, (1,), h, norm_w, xn, hidden, block=hidden, pdl=pdl_small)
-            gu = gemv(xn, lw["gate_up"], cfgs["gate_up"])
+            gu = launch.run_config(xn, lw["gate_up"], None, cfgs["gate_up"])
             _small(_silu_mul_kernel, (triton.cdiv(inter, 1024),), gu, act, inter, block=1024, pdl=pdl_small)
-            d = gemv(act, lw["down"], cfgs["down"])
+            d = launch.run_config(act, lw["down"], None, cfgs["down"])
             _small(_add_kernel, (triton.cdiv(hidden, 1024),), h, d, hidden, block=1024, pdl=pdl_small)
 
     result = {"date": time.strftime("%Y-%m-%d"), **machine_info(), "layers": args.layers,
-              "idle_us": args.idle_us,
               "configs": {k: v.short() for k, v in cfgs.items()}, "us_per_layer": {}, "identical_to_off": {}}
     ref = None
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
-    variants = [("off", "0", False, False), ("gemv", "1", False, False), ("small", "0", True, False),
-                ("all", "1", True, False), ("prefetch", "0", False, True), ("prefetch_all", "1", True, True),
-                ("off_again", "0", False, False)]
-    for name, gemv_pdl, small_pdl, pf in variants:
+    for name, gemv_pdl, small_pdl in [("off", "0", False), ("gemv", "1", False), ("small", "0", True),
+                                      ("all", "1", True), ("off_again", "0", False)]:
         os.environ["DBLLM_GEMV_PDL"] = gemv_pdl
         h.copy_(h0)
-        chain(small_pdl, pf)  # compile / warm up outside the graph
+        chain(small_pdl)  # compile / warm up outside the graph
         h.copy_(h0)
-        chain(small_pdl, pf)
+        chain(small_pdl)
         torch.cuda.synchronize()
         out = h.clone()
         if ref is None:
             ref = out
         result["identical_to_off"][name] = same(out, ref)
         result.setdefault("nan_count", {})[name] = int(out.isnan().sum())
-        ms = graph_ms(lambda small_pdl=small_pdl, pf=pf: (h.copy_(h0), chain(small_pdl, pf)))
+        ms = graph_ms(lambda small_pdl=small_pdl: (h.copy_(h0), chain(small_pdl)))
         result["us_per_layer"][name] = ms * 1e3 / args.layers
         torch.cuda.synchronize()
         result["identical_to_off"][name] &= same(h, ref)  # after the graph's replays too

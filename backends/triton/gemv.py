@@ -210,30 +210,6 @@ def _prefetch_l2(addr):
 
 
 @triton.jit
-def _prefetch_l2_if(addr, ok):
-    """``prefetch.global.L2`` of each address whose ``ok`` is nonzero (``int32``)."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-        "=r,l,r", [addr, ok], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_next(pfq_ptr, pfs_ptr, PF_Q_BYTES, PF_BYTES, PF_PER, PF_LINES: tl.constexpr):
-    """Requests this program's share of the next layer's weights into L2 (``PF``, see the kernel).
-
-    The bytes ``[0, PF_BYTES)`` are the next layer's code words (``PF_Q_BYTES`` of them) followed
-    by its scales; program ``p`` of the grid takes ``[p * PF_PER, (p + 1) * PF_PER)``, one
-    128-byte line per element of a ``PF_LINES`` vector."""
-    prog = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-    off = prog.to(tl.int64) * PF_PER + tl.arange(0, PF_LINES).to(tl.int64) * 128
-    ok = (off < PF_BYTES) & (off < (prog.to(tl.int64) + 1) * PF_PER)
-    in_q = off < PF_Q_BYTES
-    aq = (pfq_ptr + tl.where(in_q, off // 4, 0)).to(tl.int64, bitcast=True)
-    as_ = (pfs_ptr + tl.where(in_q, 0, (off - PF_Q_BYTES) // 2)).to(tl.int64, bitcast=True)
-    _prefetch_l2_if(tl.where(in_q, aq, as_), ok.to(tl.int32))
-
-
-@triton.jit
 def _packed_luts(sc):
     """:func:`~.kernels._group_luts` (fp16, asm) from both scales packed in one ``int32``."""
     return tl.inline_asm_elementwise(
@@ -255,8 +231,6 @@ def db_gemv_kernel(
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
     LOADS: tl.constexpr = 0, PDL: tl.constexpr = False,
-    pfq_ptr=None, pfs_ptr=None, PF_Q_BYTES=0, PF_BYTES=0, PF_PER=0, PF_LINES: tl.constexpr = 1,
-    PF: tl.constexpr = False,
 ):
     """``out[m, n-block]`` for one row ``m = program_id(2)`` of x; grid ``(cdiv(N, BLOCK_N), splits, M)``."""
     pid_n = tl.program_id(0)
@@ -327,10 +301,3 @@ def db_gemv_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows_n).to(tl.float32)
     tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
-    # PF (inline asm only): once its own tile is done, each program asks for a share of the next
-    # linear's weights to be brought into L2, so that they stream in while the kernels between
-    # the two linears (attention, norms, pointwise) leave the DRAM idle; the next gemv then
-    # reads them from L2. A prefetch is a hint with no result: nothing waits for it.
-    if PF:
-        if m == 0:
-            _prefetch_next(pfq_ptr, pfs_ptr, PF_Q_BYTES, PF_BYTES, PF_PER, PF_LINES)

@@ -219,14 +219,11 @@ def gemv_applies(x2: torch.Tensor) -> bool:
 
 
 def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
-                wrap: bool = False, out: torch.Tensor | None = None,
-                prefetch: GpuWeights | None = None) -> torch.Tensor:
+                wrap: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with :func:`~.gemv.db_gemv_kernel` (one grid row per row of x).
 
     Activations the kernel cannot read (:func:`gemv_applies`: bf16, odd K, unaligned rows) run
     the fused kernel's untuned default instead, so a cached gemv choice never fails a call.
-    ``prefetch``: the weights of the linear that runs next; the kernel's programs ask for them
-    to be brought into L2 once their own tile is done (``PF``, inline-asm loads only).
     """
     from .gemv import db_gemv_kernel
     from .splitk import launch_reduce
@@ -256,7 +253,6 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
         SPLIT_K=1 if splits == 1 else cfg.split_k, LOADS=loads,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_gemv_pdl(loads),
-        **_gemv_prefetch(gw, prefetch if loads == 2 else None, triton_cdiv(n, cfg.block_n) * splits),
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)
@@ -272,22 +268,6 @@ def _gemv_pdl(loads: int) -> dict:
     if raw == "0" or loads != 2 or torch.cuda.get_device_capability()[0] < 9:
         return {"PDL": False}  # passed explicitly: wrap_triton's mutation analysis wants every argument
     return {"PDL": True, "launch_pdl": True}
-
-
-def _gemv_prefetch(gw: GpuWeights, nxt: GpuWeights | None, programs: int) -> dict:
-    """The ``PF`` arguments of a gemv launch: ``nxt``'s code words and scales split into equal
-    shares of whole 128-byte lines, one per program (see :mod:`.gemv`). Every argument is
-    passed even without a prefetch (``wrap_triton``'s mutation analysis wants them all)."""
-    if nxt is None:
-        return dict(pfq_ptr=gw.qweight, pfs_ptr=gw.scales, PF_Q_BYTES=0, PF_BYTES=0, PF_PER=0, PF_LINES=1, PF=False)
-    for t in (nxt.qweight, nxt.scales):
-        if not t.is_contiguous():
-            raise ValueError(f"db_linear (triton): prefetched weights must be contiguous, got strides {t.stride()}")
-    q_bytes = nxt.qweight.numel() * nxt.qweight.element_size()
-    total = q_bytes + nxt.scales.numel() * nxt.scales.element_size()
-    lines = triton_cdiv(triton_cdiv(total, 128), programs)
-    return dict(pfq_ptr=nxt.qweight, pfs_ptr=nxt.scales, PF_Q_BYTES=q_bytes, PF_BYTES=total, PF_PER=lines * 128,
-                PF_LINES=1 << (lines - 1).bit_length(), PF=True)
 
 
 def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
@@ -328,9 +308,8 @@ def launch_dequant(gw: GpuWeights, dtype: torch.dtype, cfg: KernelConfig | None 
 
 
 def run_config(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
-               wrap: bool = False, prefetch: GpuWeights | None = None) -> torch.Tensor:
-    """Run the linear on ``x2 [M, K]`` with ``cfg`` (either kind); ``prefetch``: see
-    :func:`launch_gemv` (the other kinds ignore it)."""
+               wrap: bool = False) -> torch.Tensor:
+    """Run the linear on ``x2 [M, K]`` with ``cfg`` (either kind)."""
     if cfg.kind == "dequant":
         _check_x(x2, gw)
         b = None if bias is None else bias.to(x2.dtype)
@@ -348,7 +327,7 @@ def run_config(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg:
                 torch.addmm(b[r0:r1], x2, w.t(), out=out[:, r0:r1])
         return out
     if cfg.kind == "gemv":
-        return launch_gemv(x2, gw, bias, cfg, wrap, prefetch=prefetch)
+        return launch_gemv(x2, gw, bias, cfg, wrap)
     return launch_matmul(x2, gw, bias, cfg, wrap)
 
 
