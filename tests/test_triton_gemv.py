@@ -21,7 +21,7 @@ GEMV = KernelConfig(kind="gemv", block_n=16, block_k=128, num_warps=2, num_stage
 
 if GPU:
     SHAPES = [(4096, 4096, 64), (11008, 4096, 64), (4000, 4160, 64), (1000, 4100, 64), (300, 1000, 32),
-              (4096, 1024, 128), (576, 576, 64), (28672, 8192, 64)]
+              (4096, 1024, 128), (576, 576, 64), (28672, 8192, 64), (4096, 11008, 64)]
     CONFIGS = None  # the tuner's gemv candidates
 else:
     SHAPES = [(40, 128, 64), (70, 256, 64), (33, 64, 64), (20, 192, 32), (9, 100, 32), (5, 1100, 64)]
@@ -53,6 +53,23 @@ def test_gemv_matches_reference(n, k, g):
         y = launch.run_config(x, gw, bias if with_bias else None, cfg)
         assert y.shape == (1, n) and y.dtype == torch.float16
         assert_close(y, ref if with_bias else ref_nb, torch.float16)
+
+
+def test_gemv_tiles_wider_than_the_layout_alignment_need_whole_tiles():
+    """block_k 2048 (gemv only): runs where K is a multiple of it, a clear error elsewhere."""
+    n, g = 8, 64
+    wide = KernelConfig(kind="gemv", block_n=2, block_k=2048, num_warps=2, num_stages=1)
+    assert launch.config_fits(wide, g) and not launch.config_fits(KernelConfig(block_k=2048), g)
+    assert not launch.config_fits(KernelConfig(kind="gemv", block_k=3072), g)
+    for k in (4096, 3072):
+        packed, a1, a2, bias, _ = make_layer(n, k, g, seed=k)
+        gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(0)).half().to(DEVICE)
+        if k % 2048 == 0:
+            assert_close(launch.run_config(x, gw, bias, wide), reference(x, packed, a1, a2, bias, k, g), torch.float16)
+        else:
+            with pytest.raises(ValueError, match="multiple of 2048"):
+                launch.run_config(x, gw, bias, wide)
 
 
 def test_gemv_rows_of_x_are_a_grid_axis_and_strided_rows_work():
@@ -159,13 +176,17 @@ def test_gemv_loads_default_is_all_asm_for_aligned_whole_tiles(compiled):
     assert xp.storage_offset() == 4 and launch._gemv_loads(xp, 1, 4096, GEMV512) == 2
 
 
-def test_gemv_loads_is_tl_load_for_a_partial_k_tile(compiled):
-    k = 4160  # 8 tiles of 512 and a partial one; 65 whole tiles of 64
+def test_gemv_loads_partial_k_tile_needs_whole_words(compiled, monkeypatch):
+    k = 4160  # 8 tiles of 512 and a partial one; 260 whole words of 16
     xp = _pairs(1, k, 0, k)
-    assert launch._gemv_loads(xp, 1, k, GEMV512) == 0
-    assert launch._gemv_loads(xp, 1, k, KernelConfig(kind="gemv", block_n=4, block_k=64, num_warps=1)) == 2
+    assert launch._gemv_loads(xp, 1, k, GEMV512) == 2
     assert launch._gemv_loads(_pairs(1, 576, 0, 576), 1, 576,
-                              KernelConfig(kind="gemv", block_n=4, block_k=1024, num_warps=1)) == 0
+                              KernelConfig(kind="gemv", block_n=4, block_k=1024, num_warps=1)) == 2
+    k = 4168  # not a multiple of 16: a word would be split
+    assert launch._gemv_loads(_pairs(1, k, 0, k), 1, k, GEMV512) == 0
+    monkeypatch.setenv("DBLLM_GEMV_LOADS", "1")  # x-only asm loads: whole tiles only
+    assert launch._gemv_loads(xp, 1, 4160, GEMV512) == 0
+    assert launch._gemv_loads(_pairs(1, 4096, 0, 4096), 1, 4096, GEMV512) == 1
 
 
 @pytest.mark.parametrize("start", [2, 4, 6, 10])

@@ -35,8 +35,9 @@ H100 that kept the L1 85% busy at 27% of the DRAM rate (Nsight Compute, 12,288 x
 eight x pairs (two 16-byte vectors) in inline asm. Nothing then ties the tensors to a layout,
 and Triton keeps its default one: each thread decodes one word position of every row of the
 tile, so its x vector serves all ``BLOCK_N`` rows (L1 11% busy) and no value crosses threads
-until the final sum. It needs whole K tiles and 16-byte aligned rows of x; otherwise
-``LOADS=0``. ``LOADS=1`` (x only in asm) is kept for before/after timings.
+until the final sum. It needs K a multiple of 16 (whole code words; in a last, partial tile
+the words past K get x = 0) and 16-byte aligned rows of x; otherwise ``LOADS=0``. ``LOADS=1``
+(x only in asm, whole K tiles only) is kept for before/after timings.
 
 Under the Triton interpreter (no inline asm) the same table lookup runs with integer ops and
 the products are summed in float32.
@@ -160,8 +161,8 @@ def _ld32(addr):
 
 @triton.jit
 def _load_tile_asm(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.constexpr, NGT: tl.constexpr,
-                   COHERENT: tl.constexpr = False):
-    """:func:`_load_tile` with every load in inline asm (``LOADS=2``; whole K tiles only).
+                   COHERENT: tl.constexpr = False, EVEN_K: tl.constexpr = True, k_words=0):
+    """:func:`_load_tile` with every load in inline asm (``LOADS=2``; K a multiple of 16).
 
     Nothing constrains the tensors' layout then, and Triton keeps its default one for the word
     tensor ``[BLOCK_N, NGT, WPG]``: each thread decodes one word position of every row of the
@@ -170,7 +171,7 @@ def _load_tile_asm(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.co
     a group as one ``int32`` (``a1`` low half) twice, in place of ``a1, a2``.
     """
     words, sc = _load_weights_asm(qw_ptrs, sc_ptrs, word, grp, k0, k_hi, BLOCK_K, NGT)
-    x0, x1, x2, x3, x4, x5, x6, x7 = _load_x_asm(x_ptrs, word, k0, k_hi, BLOCK_K, COHERENT)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _load_x_asm(x_ptrs, word, k0, k_hi, BLOCK_K, COHERENT, EVEN_K, k_words)
     return words, sc, sc, x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -185,20 +186,39 @@ def _load_weights_asm(qw_ptrs, sc_ptrs, word, grp, k0, k_hi, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _load_x_asm(x_ptrs, word, k0, k_hi, BLOCK_K: tl.constexpr, COHERENT: tl.constexpr = False):
+def _load_x_asm(x_ptrs, word, k0, k_hi, BLOCK_K: tl.constexpr, COHERENT: tl.constexpr = False,
+                EVEN_K: tl.constexpr = True, k_words=0):
     """The eight x pairs of each word of K tile ``k0`` (a tile past the split re-reads tile 0).
 
     ``COHERENT`` (with PDL): plain ``ld.global``, which ptxas keeps after ``griddepcontrol.wait``;
     it moves ``ld.global.nc`` (read-only for the kernel's lifetime) above the wait, where x may
     not be written yet.
+    ``EVEN_K=False`` (K a multiple of 16 but not of the tile): words at or past ``k_words = K/16``
+    read pair 0 of the row instead and get x = 0 (their code words, in the layout's padding, are
+    0 too; 0 * x read past the row could be NaN).
     """
     ok = (word * 0 + k0) < k_hi
-    xa = tl.where(ok, x_ptrs, x_ptrs - k0 * (BLOCK_K // 2)).to(tl.int64, bitcast=True)
+    xa = tl.where(ok, x_ptrs, x_ptrs - k0 * (BLOCK_K // 2))
+    if not EVEN_K:
+        real = (k0 * (BLOCK_K // 16) + word) < k_words
+        xa = tl.where(real, xa, x_ptrs - k0 * (BLOCK_K // 2) - word * 8)
+    xa = xa.to(tl.int64, bitcast=True)
     if COHERENT:
-        return tl.inline_asm_elementwise(
+        x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
             "ld.global.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+16];",
             "=r,=r,=r,=r,=r,=r,=r,=r,l", [xa], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-    return _ld_x_pairs(xa)
+    else:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_pairs(xa)
+    if not EVEN_K:
+        x0 = tl.where(real, x0, 0)
+        x1 = tl.where(real, x1, 0)
+        x2 = tl.where(real, x2, 0)
+        x3 = tl.where(real, x3, 0)
+        x4 = tl.where(real, x4, 0)
+        x5 = tl.where(real, x5, 0)
+        x6 = tl.where(real, x6, 0)
+        x7 = tl.where(real, x7, 0)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -262,8 +282,7 @@ def db_gemv_kernel(
 
     acc = tl.zeros((BLOCK_N, NGT, WPG), dtype=tl.float32)
     # software pipelining by hand (Triton pipelines loads that feed a dot only): the loads of
-    # tile k0 + 1 are issued before tile k0 is decoded; the tile past the split is masked out
-    # (tl.load) or re-reads tile 0 (asm loads), and its values are never used
+    # tile k0 + 1 are issued before tile k0 is decoded; the last tile is decoded after the loop
     # PDL (programmatic dependent launch, LOADS=2 only): the weights do not depend on the kernel
     # before this one, so the first tile's are requested (and the second's prefetched to L2)
     # before waiting for that kernel (griddepcontrol.wait); x is read after the wait, with
@@ -275,19 +294,19 @@ def db_gemv_kernel(
             tl.extra.cuda.gdc_wait()
         words, a1 = _load_weights_asm(qw_ptrs, sc_ptrs, word, grp_row, k_lo, k_hi, BLOCK_K, NGT)
         a2 = a1
-        x0, x1, x2, x3, x4, x5, x6, x7 = _load_x_asm(x_ptrs, word, k_lo, k_hi, BLOCK_K, PDL)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _load_x_asm(x_ptrs, word, k_lo, k_hi, BLOCK_K, PDL, EVEN_K, K // 16)
     else:  # (PDL runs with LOADS=2 only, launch._gemv_pdl)
         words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile(
             qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k_lo, k_hi, k_pairs, BLOCK_K, EVEN_K, LOADS == 1)
     if PDL:  # the next kernel may start launching (it waits for this grid before reading)
         tl.extra.cuda.gdc_launch_dependents()
-    for k0 in range(k_lo, k_hi):
+    for k0 in range(k_lo, k_hi - 1):  # the last tile is decoded after the loop: nothing is read past it
         qw_ptrs += NW
         sc_ptrs += NGT * 2
         x_ptrs += BLOCK_K // 2
         if LOADS == 2:
             nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7 = _load_tile_asm(
-                qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k0 + 1, k_hi, BLOCK_K, NGT, PDL)
+                qw_ptrs, sc_ptrs, x_ptrs, word, grp_row, k0 + 1, k_hi, BLOCK_K, NGT, PDL, EVEN_K, K // 16)
             lut_lo, lut_hi = _packed_luts(a1)
         else:
             nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7 = _load_tile(
@@ -295,6 +314,12 @@ def db_gemv_kernel(
             lut_lo, lut_hi = _group_luts(a1, a2, False, USE_ASM)
         acc += _word_dot(words, lut_lo[:, :, None], lut_hi[:, :, None], x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)
         words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7 = nwords, na1, na2, nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
+    if k_hi > k_lo:  # (an empty split's first "tile" is tile 0 re-read with asm loads: not decoded)
+        if LOADS == 2:
+            lut_lo, lut_hi = _packed_luts(a1)
+        else:
+            lut_lo, lut_hi = _group_luts(a1, a2, False, USE_ASM)
+        acc += _word_dot(words, lut_lo[:, :, None], lut_hi[:, :, None], x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     n_ok = offs_n < N

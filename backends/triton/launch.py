@@ -119,8 +119,14 @@ _DEQUANT_NAME = re.compile(r"dequant(\d+)x(\d+)w(\d+)(?:c(\d+))?\+cublas")
 
 
 def config_fits(cfg: KernelConfig, group_size: int) -> bool:
-    """Whether ``cfg`` is valid for this group size (BLOCK_K a multiple of G dividing 1024)."""
-    return cfg.block_k % group_size == 0 and K_ALIGN % cfg.block_k == 0
+    """Whether ``cfg`` is valid for this group size: BLOCK_K a multiple of G dividing 1024, or
+    for the gemv also a multiple of 1024 (a power of two), for K a multiple of it only
+    (:func:`launch_gemv` checks)."""
+    if cfg.block_k % group_size:
+        return False
+    if cfg.kind == "gemv" and cfg.block_k % K_ALIGN == 0:
+        return cfg.block_k & (cfg.block_k - 1) == 0
+    return K_ALIGN % cfg.block_k == 0
 
 
 def check_config(cfg: KernelConfig, group_size: int) -> None:
@@ -235,6 +241,9 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     check_config(cfg, gw.group_size)
     m, k = x2.shape
     n = gw.out_features
+    if cfg.block_k > K_ALIGN and k % cfg.block_k:  # a partial tile that wide would read past the layout's padding
+        raise ValueError(f"db_linear (triton): config {cfg.short()} needs K to be a multiple of {cfg.block_k}, "
+                         f"got K={k}; use a block_k of at most {K_ALIGN}")
     if not gemv_applies(x2):
         return launch_matmul(x2, gw, bias, default_config(m, n, k, gw.group_size), wrap, out)
     out = _output(x2, n, out)
@@ -273,8 +282,8 @@ def _gemv_pdl(loads: int) -> dict:
 def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
     """How the gemv loads its operands (``db_gemv_kernel``'s ``LOADS``; see :mod:`.gemv`).
 
-    2 (every load in inline asm) or 1 (x only) need inline asm (not the interpreter), whole K
-    tiles and 16-byte aligned rows of x: the storage offset (in int32 pairs) and, with several
+    2 (every load in inline asm) or 1 (x only) need inline asm (not the interpreter), K a
+    multiple of 16 (2) or of the tile (1), and 16-byte aligned rows of x: the storage offset (in int32 pairs) and, with several
     rows, the row stride multiples of 4 pairs (the allocation itself is at least 256-byte
     aligned). ``DBLLM_GEMV_LOADS`` (default 2) picks a lower mode, for before/after timings.
     """
@@ -282,7 +291,7 @@ def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
     if raw not in ("0", "1", "2"):
         raise ValueError(f"DBLLM_GEMV_LOADS must be 0, 1 or 2, got {raw!r}; unset it for the default (2)")
     want = int(raw)
-    if want == 0 or interpreted() or k % cfg.block_k:
+    if want == 0 or interpreted() or (k % cfg.block_k and (want == 1 or k % 16)):
         return 0
     return want if xp.storage_offset() % 4 == 0 and (m == 1 or xp.stride(0) % 4 == 0) else 0
 
