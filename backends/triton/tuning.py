@@ -145,10 +145,15 @@ _SMALL_SPLIT_BASES = [(64, 256, 4, 4), (32, 128, 2, 4)]
 # With every load in inline asm (``LOADS=2``, :func:`.launch._gemv_loads`), 1024-feature tiles
 # won a later sweep on every shape (gemv_loads_h100_2026-11-24/sweep_loads2_bk512_1024.json);
 # the four 1024-wide entries are those winners (each entry adds up to three timed configs per
-# M = 1 shape, so 4096 x 4096's own winners are left out). 16 x 512 stays for K that is not a
-# multiple of the tile (4096 x 11008), which runs ``LOADS=0``.
+# M = 1 shape, so 4096 x 4096's own winners are left out). 16 x 512 was kept for K that is not
+# a multiple of the tile (4096 x 11008), which ran ``LOADS=0`` until the asm loads took partial
+# last tiles; with them (and the last tile decoded after the loop), a sweep of 1-16 rows x
+# 512-4096 features x 1-8 warps (gemv_peel_h100_2026-11-24/) had 2 x 1024 / 2 warps win
+# 4096 x 11008 without split-K (15.6 us, was 17.2 with split-K 4 and LOADS=0), and the entries
+# below within 3% of the best on the four Llama-2-7B shapes; 2048- and 4096-wide tiles gained
+# at most 3% (4096 x 4096) and are not tried.
 _GEMV = [(4, 512, 1, 3), (8, 512, 1, 3), (16, 512, 1, 3),
-         (2, 1024, 1, 3), (4, 1024, 1, 3), (4, 1024, 2, 3), (8, 1024, 2, 3)]
+         (2, 1024, 1, 3), (4, 1024, 1, 3), (4, 1024, 2, 3), (8, 1024, 2, 3), (2, 1024, 2, 3), (8, 1024, 4, 3)]
 _GEMV_SPLITS = (1, 2, 4)
 
 
@@ -157,8 +162,8 @@ def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
     """Configurations tried for this shape (filtered to those valid for ``g``).
 
     ``m == 1`` with ``dtype`` fp16 (or not given) adds the gemv kernel's configurations
-    (``_GEMV`` x ``_GEMV_SPLITS``, the splits that K's tiles allow: 21 on the Llama shapes,
-    10 for K = 576 and 14 for K = 1536 with G = 64), unless ``DBLLM_TRITON_GEMV=0`` (for
+    (``_GEMV`` x ``_GEMV_SPLITS``, the splits that K's tiles allow: 27 on the Llama shapes,
+    12 for K = 576 and 18 for K = 1536 with G = 64), unless ``DBLLM_TRITON_GEMV=0`` (for
     before/after timings).
 
     Decode (``m <= 16``): the block configurations of ``_DECODE`` without split, then split-K
