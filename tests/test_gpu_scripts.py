@@ -27,7 +27,7 @@ def test_every_aoti_check_step_is_valid_python(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["gpu_distill_ablation", "gpu_compile_bench", "gpu_aoti_check", "distill_host",
-                                    "bench_kernels", "sweep_gemv", "ncu_gemv"])
+                                    "bench_kernels", "sweep_gemv", "ncu_gemv", "bench_attention", "bench_pdl"])
 def test_gpu_scripts_show_help(script):
     import subprocess
 
