@@ -5,8 +5,9 @@
 function) and switches a model to it:
 
 - one query token (a decode step), a cache of at most :data:`MAX_CACHE_LEN` positions, no
-  dropout, no soft-capping, no position bias, no attention sinks: the Triton kernel of :mod:`dbllm_compile.backends.triton.decode_attention` on CUDA
-  (float32 PyTorch reference elsewhere);
+  dropout, no soft-capping, no position bias, no attention sinks: the Triton kernel of
+  :mod:`dbllm_compile.backends.triton.decode_attention` on CUDA (float32 PyTorch reference
+  elsewhere);
 - anything else (prefill, training, the cases above): ``transformers``' own SDPA function,
   unchanged.
 

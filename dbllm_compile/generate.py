@@ -150,6 +150,9 @@ class StaticCacheGenerator:
 
             use_decode_attention(model)
         elif attention == "sdpa":
+            if not hasattr(model, "set_attn_implementation"):
+                raise DBLLMError(f"StaticCacheGenerator: attention='sdpa' needs a transformers model; "
+                                 f"{type(model).__name__} has no set_attn_implementation (pass attention=None)")
             model.set_attn_implementation("sdpa")
         elif attention is not None:
             raise DBLLMError(f"StaticCacheGenerator: attention={attention!r}; use None, 'sdpa' or 'dbllm'")

@@ -283,9 +283,10 @@ def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
     """How the gemv loads its operands (``db_gemv_kernel``'s ``LOADS``; see :mod:`.gemv`).
 
     2 (every load in inline asm) or 1 (x only) need inline asm (not the interpreter), K a
-    multiple of 16 (2) or of the tile (1), and 16-byte aligned rows of x: the storage offset (in int32 pairs) and, with several
-    rows, the row stride multiples of 4 pairs (the allocation itself is at least 256-byte
-    aligned). ``DBLLM_GEMV_LOADS`` (default 2) picks a lower mode, for before/after timings.
+    multiple of 16 (2) or of the tile (1), and 16-byte aligned rows of x: the storage offset
+    (in int32 pairs) and, with several rows, the row stride multiples of 4 pairs (the
+    allocation itself is at least 256-byte aligned). ``DBLLM_GEMV_LOADS`` (default 2) picks a
+    lower mode, for before/after timings.
     """
     raw = os.environ.get("DBLLM_GEMV_LOADS", "2")
     if raw not in ("0", "1", "2"):

@@ -4,9 +4,9 @@ Key: ``(dtype, N, K, G, M bucket)``; ``M`` is bucketed to ``max(16, next power o
 at 8192. The first call of a key in a process benchmarks the candidates of its bucket
 (:func:`candidates`) on the real inputs, with the L2 cache flushed before every timed run, and
 stores the fastest (:func:`pick`: within 4% of it, fewer launches win) in
-``$DBLLM_TRITON_CACHE_DIR`` (default ``~/.cache/dbllm_compile/triton``) as ``<gpu name>.json``; later processes read the file and start without tuning. Inside CUDA
-graph capture, or under the Triton interpreter, nothing is benchmarked: a cached choice or
-:func:`default_config` is used.
+``$DBLLM_TRITON_CACHE_DIR`` (default ``~/.cache/dbllm_compile/triton``) as ``<gpu name>.json``;
+later processes read the file and start without tuning. Inside CUDA graph capture, or under the
+Triton interpreter, nothing is benchmarked: a cached choice or :func:`default_config` is used.
 
 The file format (``version`` 2)::
 
