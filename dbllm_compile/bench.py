@@ -58,7 +58,7 @@ def decode_speed(model: torch.nn.Module, *, prompt_len: int, new_tokens: int, op
     every variant (``"dbllm"``: the Triton decode attention for the fp baseline too).
 
     ``extra``: more ``backend="dbllm"`` variants timed in the same run, by name (e.g.
-    ``{"dbllm_unfused": {**options, "fuse_siblings": False}}``); each gets its own
+    ``{"dbllm_unfused": {**options, "fuse_siblings": False, "fuse_glu": False}}``); each gets its own
     ``decode_speedup_<name>``. ``profile_tokens > 0``: also profile one generation of that many
     new tokens per variant (kernels inside CUDA graphs included) and store the ops with the most
     device time, per generated token, as ``out[name]["profile"]``."""

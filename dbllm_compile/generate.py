@@ -5,7 +5,8 @@ step compiles once and CUDA graphs can replay it) and two compiled step function
 
 - prefill: the prompt ``[B, T]`` at cache positions ``0..T-1``, logits of the last position only;
 - decode: one token ``[B, 1]`` at position ``p``; compiled with ``fullgraph=True`` and, on CUDA,
-  ``mode="reduce-overhead"`` (CUDA graphs) by default.
+  ``mode="reduce-overhead"`` (CUDA graphs) by default. Greedy generation compiles the step with
+  its argmax (the token ids come out of the graph); sampling compiles the step up to the logits.
 
 Any ``torch.compile`` backend works (``"dbllm"`` for 2-bit weights, ``"inductor"`` for the
 full-precision baseline, ``None`` for eager), which is what the ``generate`` and ``bench`` CLI
@@ -95,6 +96,13 @@ def _decode_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, ca
     return out.logits[:, -1, :]
 
 
+def _greedy_decode_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, cache_position: torch.Tensor,
+                        extra: Mapping[str, Any]) -> torch.Tensor:
+    """:func:`_decode_step` plus the greedy pick, ``[B, 1]`` token ids: the argmax runs inside the
+    compiled graph (and its CUDA graph) instead of as one more eager kernel per token."""
+    return _decode_step(model, input_ids, cache, cache_position, extra).argmax(dim=-1, keepdim=True)
+
+
 def _compile_step(fn: Any, backend: Any, options: Mapping[str, Any] | None, mode: str | None) -> Any:
     """``torch.compile`` of one step. ``torch.compile`` refuses ``mode`` together with ``options``;
     the "dbllm" backend then takes the mode as ``options["mode"]``, any other backend gets an error."""
@@ -168,10 +176,11 @@ class StaticCacheGenerator:
         elif "num_logits_to_keep" in params:
             self._extra["num_logits_to_keep"] = 1
         if backend is None:
-            self._prefill, self._decode = _prefill_step, _decode_step
-        else:
+            self._prefill, self._decode, self._decode_greedy = _prefill_step, _decode_step, _greedy_decode_step
+        else:  # (torch.compile compiles on the first call: only the decode step that runs is compiled)
             self._prefill = _compile_step(_prefill_step, backend, options, prefill_mode)
             self._decode = _compile_step(_decode_step, backend, options, mode)
+            self._decode_greedy = _compile_step(_greedy_decode_step, backend, options, mode)
         self._cache: Any = None
         self._cache_batch = 0
         self._calls = 0
@@ -247,8 +256,11 @@ class StaticCacheGenerator:
                 if bool(done.all()):
                     break
             pos = positions[step:step + 1].clone()  # a fresh tensor: a view's storage offset would recompile on CPU
-            logits = self._decode(self.model, token, cache, pos, self._extra)
-            token = self._pick(logits, temperature, top_k, generator).clone()
+            if temperature <= 0:
+                token = self._decode_greedy(self.model, token, cache, pos, self._extra).clone()
+            else:
+                logits = self._decode(self.model, token, cache, pos, self._extra)
+                token = self._pick(logits, temperature, top_k, generator).clone()
             out.append(token)
         _sync(self.device)
         t2 = time.perf_counter()

@@ -31,7 +31,7 @@ def test_decode_speed_times_extra_variants_and_profiles(monkeypatch):
 
     model = llama_model("tiny", "cpu", torch.float32)
     r = decode_speed(model, prompt_len=4, new_tokens=3, options={"init": "maxabs"}, mode=None,
-                     extra={"dbllm_unfused": {"init": "maxabs", "fuse_siblings": False}}, profile_tokens=2)
+                     extra={"dbllm_unfused": {"init": "maxabs", "fuse_siblings": False, "fuse_glu": False}}, profile_tokens=2)
     assert {"baseline", "dbllm", "dbllm_unfused"} <= r.keys()
     assert r["decode_speedup_dbllm_unfused"] > 0 and r["decode_speedup"] > 0
     for name in ("baseline", "dbllm", "dbllm_unfused"):

@@ -196,8 +196,9 @@ def test_option_is_validated():
 @pytest.mark.parametrize("attention_bias, inductor", [(False, False), (True, False), (True, True)])
 def test_backend_fuses_tiny_llama(attention_bias, inductor, monkeypatch):
     """Through ``torch.compile(backend="dbllm")`` with the GPU form forced on CPU: 2 layers x
-    (q/k/v + gate/up) fuse into 4 calls, with the same logits as without fusion. With
-    ``attention_bias`` the q/k/v biases are graph inputs (concatenated in the graph)."""
+    (q/k/v + gate/up) fuse into 4 sibling calls, or with the GLU rewrite (the default) into 2
+    sibling calls (q/k/v) and 2 ``db_glu_gpu`` calls, with the same logits as without fusion.
+    With ``attention_bias`` the q/k/v biases are graph inputs (concatenated in the graph)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dbllm_compile.backends.dynamo import lowering
@@ -209,22 +210,28 @@ def test_backend_fuses_tiny_llama(attention_bias, inductor, monkeypatch):
     monkeypatch.setattr(lowering, "_gpu_form", lambda x_val, device, opts: torch.float16)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     logits = {}
+    expected = {"none": (0, 0, 0), "siblings": (4, 10, 0), "both": (2, 6, 2)}
     try:
-        for fuse in (False, True):
+        for variant, (fuse, glu) in {"none": (False, False), "siblings": (True, False), "both": (True, True)}.items():
             torch._dynamo.reset()
             reset_stats()
             compiled = torch.compile(model, backend="dbllm", fullgraph=True,
-                                     options={"init": "maxabs", "inductor": inductor, "fuse_siblings": fuse})
+                                     options={"init": "maxabs", "inductor": inductor, "fuse_siblings": fuse,
+                                              "fuse_glu": glu})
             with torch.no_grad():
-                logits[fuse] = compiled(ids, use_cache=False).logits
+                logits[variant] = compiled(ids, use_cache=False).logits
             s = stats()
             assert s.ops_lowered["db_linear_gpu"] == 14
-            assert (s.fused_groups, s.linears_fused) == ((4, 10) if fuse else (0, 0))
+            assert (s.fused_groups, s.linears_fused, s.glu_fused) == expected[variant]
+            if variant == "siblings":
+                assert "fused 10 sibling db_linear_gpu call(s) into 4 call(s)" in s.summary()
+                assert s.to_dict()["linears_fused"] == 10
     finally:
         torch._dynamo.reset()
-    assert "fused 10 sibling db_linear_gpu call(s) into 4 call(s)" in s.summary()
-    assert s.to_dict()["linears_fused"] == 10
+    assert "fused 2 gated MLP(s)" in s.summary() and s.to_dict()["glu_fused"] == 2
     if inductor:  # Inductor may schedule the fused and unfused graphs' reductions differently
-        torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits["siblings"], logits["none"], rtol=1e-5, atol=1e-5)
     else:
-        assert torch.equal(logits[True], logits[False])
+        assert torch.equal(logits["siblings"], logits["none"])
+    # the GLU call computes gate and up as one product on the concatenated weights
+    torch.testing.assert_close(logits["both"], logits["none"], rtol=1e-5, atol=1e-5)

@@ -40,7 +40,9 @@ class GraphRecord:
         lowered: counts of dual-binary ops by how they were lowered
             (``"db_linear_gpu"``, ``"db_linear"``, ``"db_linear_train:decomposed"``, ...);
             ``"db_linear_gpu:fused_groups"`` / ``"db_linear_gpu:fused_linears"``: fused sibling
-            calls emitted and the ``db_linear_gpu`` calls they replace (:mod:`.fusion`).
+            calls emitted and the ``db_linear_gpu`` calls they replace (:mod:`.fusion`);
+            ``"db_glu_gpu:fused"``: gated MLPs rewritten into one ``db_glu_gpu`` call;
+            ``"db_gemv_pdl"``: batch-1 calls launched with PDL (:mod:`.pdl`).
         skipped: ``(layer, node, reason)`` of linears left in full precision.
         fallbacks: ``(node, reason)`` of dual-binary ops left on a slower path.
         weight_cache_hits: layers whose quantized weights were reused from an earlier graph.
@@ -103,6 +105,11 @@ class CompileStats:
         return self.ops_lowered["db_linear_gpu:fused_linears"]
 
     @property
+    def glu_fused(self) -> int:
+        """Gated MLPs (``silu(gate(x)) * up(x)``) rewritten into one ``db_glu_gpu`` call (:mod:`.fusion`)."""
+        return self.ops_lowered["db_glu_gpu:fused"]
+
+    @property
     def skipped(self) -> list[tuple[str, str, str]]:
         return [s for g in self.graphs for s in g.skipped]
 
@@ -123,6 +130,8 @@ class CompileStats:
         ]
         if self.fused_groups:
             lines.append(f"  fused {self.linears_fused} sibling db_linear_gpu call(s) into {self.fused_groups} call(s)")
+        if self.glu_fused:
+            lines.append(f"  fused {self.glu_fused} gated MLP(s) (silu(gate) * up) into db_glu_gpu call(s)")
         reasons: dict[str, list[str]] = {}
         for name, _, reason in self.skipped:
             reasons.setdefault(reason, []).append(name)
@@ -143,6 +152,7 @@ class CompileStats:
             "ops_lowered": dict(self.ops_lowered),
             "fused_groups": self.fused_groups,
             "linears_fused": self.linears_fused,
+            "glu_fused": self.glu_fused,
             "skipped": [list(s) for s in self.skipped],
             "fallbacks": [list(f) for f in self.fallbacks],
         }

@@ -1,4 +1,5 @@
-"""Horizontal fusion of sibling ``dbllm::db_linear_gpu`` calls (``options["fuse_siblings"]``).
+"""Fusions of ``dbllm::db_linear_gpu`` calls: siblings (``options["fuse_siblings"]``) and gated
+MLPs (``options["fuse_glu"]``, :func:`fuse_glu_linears`, run first).
 
 Linears that read the same activation (``q/k/v_proj`` on the attention input, ``gate/up_proj``
 on the MLP input) become one ``db_linear_gpu`` on weights concatenated along the output
@@ -31,6 +32,7 @@ keyed by the tensors they were built from, as :mod:`.weights` shares the per-lay
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import defaultdict
 from typing import Any, Sequence
@@ -45,7 +47,7 @@ from dbllm_compile.tensor_cache import TensorCache
 from .diagnostics import GraphRecord
 from .lowering import _register_buffer
 
-__all__ = ["fuse_sibling_linears", "clear_fused_cache"]
+__all__ = ["fuse_sibling_linears", "fuse_glu_linears", "clear_fused_cache"]
 
 _cache = TensorCache()
 
@@ -115,7 +117,7 @@ def _candidates(gm: fx.GraphModule, op: Any) -> list[list[tuple[fx.Node, dict[st
 
 
 def _fused_bias(gm: fx.GraphModule, group: list[tuple[fx.Node, dict[str, Any]]], rows: list[int],
-                stem: str) -> tuple[bool, fx.Node | None]:
+                stem: str, first: fx.Node) -> tuple[bool, fx.Node | None]:
     """``(fusable, bias node of the fused call)``, inserted at the graph's current insert point.
 
     None for a group without biases; one concatenated buffer when every bias is a ``get_attr``;
@@ -124,7 +126,6 @@ def _fused_bias(gm: fx.GraphModule, group: list[tuple[fx.Node, dict[str, Any]]],
     biases = [args["bias"] for _, args in group]
     if all(b is None for b in biases):
         return True, None
-    first = group[0][0]
     values = [_value(b) for b in biases]
     present = [v for b, v in zip(biases, values) if b is not None]
     if not all(isinstance(v, torch.Tensor) and tuple(v.shape) == (n,)
@@ -164,38 +165,57 @@ def _delete_buffer(gm: fx.GraphModule, target: str) -> None:
         sources.pop(target, None)
 
 
-def _fuse(gm: fx.GraphModule, op: Any, group: list[tuple[fx.Node, dict[str, Any]]], stem: str) -> bool:
-    """Rewrite one sibling group (see the module docstring); False if its biases do not fuse."""
-    first, args0 = group[0]
+def _fused_call(gm: fx.GraphModule, op: Any, group: list[tuple[fx.Node, dict[str, Any]]], stem: str,
+                before: fx.Node) -> fx.Node | None:
+    """A call of ``op`` on the group's concatenated weights and biases, inserted before ``before``
+    (which ``x`` and the group's bias nodes must dominate); None if the biases do not fuse."""
+    args0 = group[0][1]
     qweights = [_value(a["qweight"]) for _, a in group]
     scales = [_value(a["scales"]) for _, a in group]
     rows = [int(q.shape[0]) for q in qweights]
     graph = gm.graph
-    with graph.inserting_before(first):
-        ok, bias = _fused_bias(gm, group, rows, stem)
+    with graph.inserting_before(before):
+        ok, bias = _fused_bias(gm, group, rows, stem, before)
         if not ok:
-            return False
+            return None
         q_node = graph.get_attr(_register_buffer(gm, f"{stem}_qweight", _cat_rows(qweights, qweights[0])))
         s_node = graph.get_attr(_register_buffer(gm, f"{stem}_scales", _cat_rows(scales, scales[0])))
-        fused = graph.call_function(op, (args0["x"], q_node, s_node, bias, args0["in_features"],
-                                         args0["group_size"]))
+        return graph.call_function(op, (args0["x"], q_node, s_node, bias, args0["in_features"],
+                                        args0["group_size"]))
+
+
+def _weight_attrs(args: dict[str, Any]) -> list[fx.Node]:
+    return [a for a in (args["qweight"], args["scales"], args["bias"]) if isinstance(a, fx.Node) and a.op == "get_attr"]
+
+
+def _drop_unread(gm: fx.GraphModule, attrs: list[fx.Node]) -> None:
+    """Erase the ``get_attr`` nodes nothing reads any more, and their buffers."""
+    for attr in dict.fromkeys(attrs):
+        if not attr.users:
+            target = attr.target
+            gm.graph.erase_node(attr)
+            _delete_buffer(gm, target)
+
+
+def _fuse(gm: fx.GraphModule, op: Any, group: list[tuple[fx.Node, dict[str, Any]]], stem: str) -> bool:
+    """Rewrite one sibling group (see the module docstring); False if its biases do not fuse."""
+    fused = _fused_call(gm, op, group, stem, group[0][0])
+    if fused is None:
+        return False
+    graph = gm.graph
     old_attrs: list[fx.Node] = []
     start = 0
-    for (node, args), n in zip(group, rows):
+    for node, args in group:
+        n = int(_value(args["qweight"]).shape[0])
         with graph.inserting_before(node):
             piece = graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, start, start + n))
             out = graph.call_method("contiguous", (piece,))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
-        old_attrs += [a for a in (args["qweight"], args["scales"], args["bias"])
-                      if isinstance(a, fx.Node) and a.op == "get_attr"]
+        old_attrs += _weight_attrs(args)
         graph.erase_node(node)
         start += n
-    for attr in dict.fromkeys(old_attrs):
-        if not attr.users:
-            target = attr.target
-            graph.erase_node(attr)
-            _delete_buffer(gm, target)
+    _drop_unread(gm, old_attrs)
     return True
 
 
@@ -218,4 +238,90 @@ def fuse_sibling_linears(gm: fx.GraphModule, record: GraphRecord) -> None:
         if _fuse(gm, gpu_op.default, group, stem):
             record.lowered["db_linear_gpu:fused_groups"] += 1
             record.lowered["db_linear_gpu:fused_linears"] += len(group)
+    gm.graph.lint()
+
+
+_SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default)
+_MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+
+
+def _gpu_call(node: Any, op: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == op
+
+
+def _glu_match(mul: fx.Node, op: Any, readers: dict[str, list[fx.Node]]):
+    """``(silu node, gate call, up call)`` if ``mul`` is ``silu(gate(x)) * up(x)`` (either order)
+    on two ``op`` calls the rewrite may replace, else None.
+
+    Replaceable: each intermediate read by the product only; same ``x``, ``in_features``,
+    ``group_size``, scale dtype, row count and device; weights in ``get_attr`` buffers read by
+    their call alone (as for sibling fusion).
+    """
+    if mul.op != "call_function" or mul.target not in _MUL or len(mul.args) != 2 or mul.kwargs:
+        return None
+    for act, up in (mul.args, mul.args[::-1]):
+        if not (isinstance(act, fx.Node) and act.op == "call_function" and act.target in _SILU):
+            continue
+        if act.kwargs.get("inplace") or len(act.args) != 1 or not _gpu_call(act.args[0], op) or not _gpu_call(up, op):
+            continue
+        gate = act.args[0]
+        if gate is up or len(gate.users) != 1 or len(act.users) != 1 or len(up.users) != 1:
+            continue
+        ga, ua = op_arguments(gate), op_arguments(up)
+        if ga["x"] is not ua["x"] or not isinstance(ga["x"], fx.Node):
+            continue
+        if (ga["in_features"], ga["group_size"]) != (ua["in_features"], ua["group_size"]):
+            continue
+        weights = [(_own_buffer(a["qweight"], n, readers), _own_buffer(a["scales"], n, readers))
+                   for n, a in ((gate, ga), (up, ua))]
+        if any(q is None or s is None or q.dim() != 2 or s.dim() != 3 or s.shape[0] != q.shape[0] for q, s in weights):
+            continue
+        (gq, gs), (uq, us) = weights
+        if (gq.shape, gq.dtype, gq.device, gs.shape, gs.dtype) != (uq.shape, uq.dtype, uq.device, us.shape, us.dtype):
+            continue
+        return act, (gate, ga), (up, ua)
+    return None
+
+
+def fuse_glu_linears(gm: fx.GraphModule, record: GraphRecord) -> None:
+    """Rewrite ``silu(gate(x)) * up(x)`` on two ``dbllm::db_linear_gpu`` calls into one
+    ``dbllm::db_glu_gpu`` call on the concatenated ``[gate; up]`` weights, in place
+    (``options["fuse_glu"]``).
+
+    At batch 1 the gemv then computes both products and the gate in its epilogue: one launch
+    instead of a (sibling-fused) linear, two slices and Inductor's ``silu * up`` kernel
+    (:mod:`dbllm_compile.backends.triton.prepared_op`). Run before :func:`fuse_sibling_linears`.
+    Counts ``record.lowered["db_glu_gpu:fused"]`` (gated MLPs rewritten). Activations other than
+    ``silu`` (GELU-gated MLPs) are not matched and stay two linears.
+    """
+    gpu_op = getattr(torch.ops.dbllm, "db_linear_gpu", None)
+    glu_op = getattr(torch.ops.dbllm, "db_glu_gpu", None)
+    if gpu_op is None or glu_op is None:
+        return
+    readers: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            readers[node.target].append(node)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    index = 0
+    for mul in list(gm.graph.nodes):
+        match = _glu_match(mul, gpu_op.default, readers)
+        if match is None:
+            continue
+        act, (gate, ga), (up, ua) = match
+        name = re.sub(r"[^0-9A-Za-z_]", "_", gate.name)
+        while hasattr(gm, f"_dbllm_glu_{index}_{name}_qweight"):
+            index += 1
+        stem = f"_dbllm_glu_{index}_{name}"
+        index += 1
+        first = min(gate, up, key=lambda n: position[n])
+        fused = _fused_call(gm, glu_op.default, [(gate, ga), (up, ua)], stem, first)
+        if fused is None:
+            continue
+        fused.meta.update(mul.meta)
+        mul.replace_all_uses_with(fused)
+        for node in (mul, act, gate, up):
+            gm.graph.erase_node(node)
+        _drop_unread(gm, _weight_attrs(ga) + _weight_attrs(ua))
+        record.lowered["db_glu_gpu:fused"] += 1
     gm.graph.lint()

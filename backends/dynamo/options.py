@@ -56,6 +56,14 @@ class CompileOptions:
         fuse_siblings: fuse ``db_linear_gpu`` calls that read the same activation (``q/k/v_proj``,
             ``gate/up_proj``) into one call on concatenated weights plus a slice per layer
             (:mod:`.fusion`; same numbers, fewer kernel launches, the activation read once).
+        fuse_glu: rewrite a gated MLP's ``silu(gate_proj(x)) * up_proj(x)`` on two
+            ``db_linear_gpu`` calls into one ``dbllm::db_glu_gpu`` call (:mod:`.fusion`): at
+            batch 1 the gemv computes the gate in its epilogue (one launch instead of two per
+            MLP); other batches run the linear and the elementwise product as before.
+        pdl: batch-1 gemvs launched with programmatic dependent launch, and Inductor's kernels
+            compiled with its PDL code (:mod:`.pdl`). ``"auto"`` (default): where the GPU
+            (Hopper or later) and the Inductor version support it; ``True``: an error where they
+            do not; ``False``: never.
         inductor: lower the rewritten graph with Inductor (``compile_fx``); ``False`` runs it
             eagerly (debugging, fast tests).
         inductor_options: Inductor config patches (as ``torch.compile(options=...)`` takes for
@@ -95,6 +103,8 @@ class CompileOptions:
     decompose_train: bool | str = "auto"
     gpu_op: bool = True
     fuse_siblings: bool = True
+    fuse_glu: bool = True
+    pdl: bool | str = "auto"
     inductor: bool = True
     inductor_options: Mapping[str, Any] = field(default_factory=dict)
     strict: bool = False
@@ -117,12 +127,16 @@ class CompileOptions:
                 f"torch.compile backend 'dbllm': options['quantize'] must be one of "
                 f"{list(QUANTIZE_MODES)}, got {self.quantize!r}"
             )
+        if self.pdl not in (True, False, "auto"):
+            raise ConfigError(
+                f"torch.compile backend 'dbllm': options['pdl'] must be True, False or 'auto', got {self.pdl!r}"
+            )
         if self.decompose_train not in (True, False, "auto"):
             raise ConfigError(
                 f"torch.compile backend 'dbllm': options['decompose_train'] must be True, False or "
                 f"'auto', got {self.decompose_train!r}"
             )
-        for name in ("keep_head", "gpu_op", "fuse_siblings", "inductor", "strict", "int_activations"):
+        for name in ("keep_head", "gpu_op", "fuse_siblings", "fuse_glu", "inductor", "strict", "int_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"torch.compile backend 'dbllm': options[{name!r}] must be True or False, "

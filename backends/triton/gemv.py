@@ -250,16 +250,28 @@ def db_gemv_kernel(
     stride_xm, stride_qn, stride_sn, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    LOADS: tl.constexpr = 0, PDL: tl.constexpr = False,
+    LOADS: tl.constexpr = 0, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
 ):
-    """``out[m, n-block]`` for one row ``m = program_id(2)`` of x; grid ``(cdiv(N, BLOCK_N), splits, M)``."""
+    """``out[m, n-block]`` for one row ``m = program_id(2)`` of x; grid ``(cdiv(N, BLOCK_N), splits, M)``.
+
+    ``GLU`` (``SPLIT_K == 1`` only): the weight rows are ``[gate; up]`` (``N = 2H``) and the
+    output ``[M, H]`` is ``silu(gate) * up``; grid ``(cdiv(H, BLOCK_N // 2), 1, M)``. Slot ``i``
+    of a program's ``BLOCK_N`` rows holds gate row ``o`` (``i`` even) or up row ``o`` (``i``
+    odd), ``o = pid * BLOCK_N / 2 + i // 2``, so the epilogue pairs them with a reshape.
+    """
     pid_n = tl.program_id(0)
     m = tl.program_id(2).to(tl.int64)
     NGT: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 16
     NW: tl.constexpr = BLOCK_K // 16
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_n = tl.minimum(offs_n, N - 1)  # clamped: loads need no mask, the store is masked
+    if GLU:
+        slot = tl.arange(0, BLOCK_N)
+        half = N // 2
+        offs_n = pid_n * (BLOCK_N // 2) + slot // 2  # output feature of each slot
+        rows_n = tl.minimum(offs_n, half - 1) + (slot % 2) * half  # gate row, or the up row after it
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_n = tl.minimum(offs_n, N - 1)  # clamped: loads need no mask, the store is masked
     grp = tl.arange(0, NGT)[None, :, None]
     wig = tl.arange(0, WPG)[None, None, :]
     word = grp * WPG + wig  # [1, NGT, WPG] word index within the tile
@@ -322,7 +334,12 @@ def db_gemv_kernel(
         acc += _word_dot(words, lut_lo[:, :, None], lut_hi[:, :, None], x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    n_ok = offs_n < N
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows_n).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    if GLU:  # the gate (even slots) and up (odd slots) of each output feature, paired
+        gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+        z = gate / (1.0 + tl.exp(-gate)) * up
+        offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + m * stride_om + offs_o, z.to(out_ptr.dtype.element_ty), mask=offs_o < N // 2)
+    else:
+        tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .layout import K_ALIGN, GpuWeights
 
-__all__ = ["KernelConfig", "interpreted", "launch_matmul", "launch_gemv", "gemv_applies", "launch_dequant", "run_config", "config_fits",
+__all__ = ["KernelConfig", "interpreted", "launch_matmul", "launch_gemv", "gemv_applies", "glu_gemv_applies", "launch_dequant", "run_config", "config_fits",
            "check_config"]
 
 
@@ -225,11 +225,21 @@ def gemv_applies(x2: torch.Tensor) -> bool:
 
 
 def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
-                wrap: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                wrap: bool = False, out: torch.Tensor | None = None, glu: bool = False,
+                pdl: bool | None = None) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with :func:`~.gemv.db_gemv_kernel` (one grid row per row of x).
 
     Activations the kernel cannot read (:func:`gemv_applies`: bf16, odd K, unaligned rows) run
     the fused kernel's untuned default instead, so a cached gemv choice never fails a call.
+
+    ``glu=True``: the rows of ``gw`` are ``[gate; up]`` (``N = 2H``) and the result is
+    ``silu(x2 @ gate.T + b_gate) * (x2 @ up.T + b_up)``, ``[M, H]``, in the kernel's epilogue
+    (float32 before the one rounding). Needs a gemv-readable ``x2``, ``cfg.split_k == 1`` and
+    ``cfg.block_n >= 2`` (:func:`glu_gemv_applies`); a ``ValueError`` otherwise.
+
+    ``pdl``: launch with programmatic dependent launch where the kernel supports it (``LOADS=2``,
+    Hopper or later; :mod:`.gemv`); ``None`` follows ``DBLLM_GEMV_PDL``. Not through
+    ``wrap_triton``: Inductor launches user kernels without the launch attribute.
     """
     from .gemv import db_gemv_kernel
     from .splitk import launch_reduce
@@ -244,9 +254,14 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     if cfg.block_k > K_ALIGN and k % cfg.block_k:  # a partial tile that wide would read past the layout's padding
         raise ValueError(f"db_linear (triton): config {cfg.short()} needs K to be a multiple of {cfg.block_k}, "
                          f"got K={k}; use a block_k of at most {K_ALIGN}")
-    if not gemv_applies(x2):
+    if glu:
+        if not glu_gemv_applies(x2, gw, cfg):
+            raise ValueError(f"db_linear (triton): the GLU gemv needs fp16 x with even K and aligned rows, "
+                             f"an even number of weight rows, split_k=1 and block_n >= 2; got x {x2.dtype} "
+                             f"{tuple(x2.shape)}, N={n}, config {cfg.short()}")
+    elif not gemv_applies(x2):
         return launch_matmul(x2, gw, bias, default_config(m, n, k, gw.group_size), wrap, out)
-    out = _output(x2, n, out)
+    out = _output(x2, n // 2 if glu else n, out)
     if m == 0:
         return out
     bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
@@ -254,27 +269,38 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
         x2 = x2.as_strided((1, k), (k, 1))  # the row stride of a single row is never used
     xp = x2.view(torch.int32)  # fp16 pairs
     loads = _gemv_loads(xp, m, k, cfg)
-    _kernel(db_gemv_kernel, wrap)[(triton_cdiv(n, cfg.block_n), splits, m)](
+    programs = triton_cdiv(n // 2, cfg.block_n // 2) if glu else triton_cdiv(n, cfg.block_n)
+    _kernel(db_gemv_kernel, wrap)[(programs, splits, m)](
         xp, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
         m, n, k, per_split if splits > 1 else 1,
         xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
         GROUP=gw.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=(k % cfg.block_k == 0),
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
-        SPLIT_K=1 if splits == 1 else cfg.split_k, LOADS=loads,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_gemv_pdl(loads),
+        SPLIT_K=1 if splits == 1 else cfg.split_k, LOADS=loads, GLU=glu,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_gemv_pdl(loads, pdl),
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)
     return out
 
 
-def _gemv_pdl(loads: int) -> dict:
-    """``PDL`` and ``launch_pdl`` of a gemv launch: programmatic dependent launch when
-    ``DBLLM_GEMV_PDL=1`` (experimental), with ``LOADS=2`` on Hopper or later (see :mod:`.gemv`)."""
-    raw = os.environ.get("DBLLM_GEMV_PDL", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"DBLLM_GEMV_PDL must be 0 or 1, got {raw!r}; unset it for the default (0)")
-    if raw == "0" or loads != 2 or torch.cuda.get_device_capability()[0] < 9:
+def glu_gemv_applies(x2: torch.Tensor, gw: GpuWeights, cfg: KernelConfig) -> bool:
+    """Whether :func:`launch_gemv` with ``glu=True`` runs ``cfg`` on ``x2``: a gemv configuration
+    without split-K, at least two rows per program, an even number of weight rows, and ``x2``
+    readable by the gemv (:func:`gemv_applies`)."""
+    return (cfg.kind == "gemv" and cfg.split_k == 1 and cfg.block_n >= 2 and gw.out_features % 2 == 0
+            and gemv_applies(x2))
+
+
+def _gemv_pdl(loads: int, pdl: bool | None = None) -> dict:
+    """``PDL`` and ``launch_pdl`` of a gemv launch: programmatic dependent launch when ``pdl``
+    (``None``: when ``DBLLM_GEMV_PDL=1``), with ``LOADS=2`` on Hopper or later (see :mod:`.gemv`)."""
+    if pdl is None:
+        raw = os.environ.get("DBLLM_GEMV_PDL", "0")
+        if raw not in ("0", "1"):
+            raise ValueError(f"DBLLM_GEMV_PDL must be 0 or 1, got {raw!r}; unset it for the default (0)")
+        pdl = raw == "1"
+    if not pdl or loads != 2 or torch.cuda.get_device_capability()[0] < 9:
         return {"PDL": False}  # passed explicitly: wrap_triton's mutation analysis wants every argument
     return {"PDL": True, "launch_pdl": True}
 
