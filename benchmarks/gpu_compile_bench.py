@@ -96,8 +96,18 @@ def main() -> int:
                          "distillation stages use on CUDA) and/or foreach (PyTorch's default before); "
                          "'fused+bf16' also runs the forward and loss under bf16 autocast")
     ap.add_argument("--decode-unfused", action="store_true",
-                    help="also time the 2-bit model with fuse_siblings=False (q/k/v and gate/up as separate "
-                         "kernels), in the same run")
+                    help="also time the 2-bit model with fuse_siblings=False and fuse_glu=False (q/k/v, gate "
+                         "and up as separate kernels), in the same run")
+    ap.add_argument("--decode-no-glu", action="store_true",
+                    help="also time the 2-bit model with fuse_glu=False (gate/up as one sibling-fused linear "
+                         "plus Inductor's silu * up kernel), in the same run")
+    ap.add_argument("--decode-no-pdl", action="store_true",
+                    help="also time the 2-bit model with pdl=False (gemvs and Inductor's kernels launched without "
+                         "programmatic dependent launch), in the same run")
+    ap.add_argument("--decode-variant", action="append", default=[], metavar="NAME=JSON",
+                    help="also time the 2-bit model with these backend options (JSON, on top of init=maxabs), "
+                         "as variant NAME, in the same run; repeatable. E.g. "
+                         "'combo={\"inductor_options\": {\"combo_kernels\": true}}'")
     ap.add_argument("--decode-profile", type=int, default=0, metavar="TOKENS",
                     help="also profile one generation of TOKENS new tokens per variant (top kernels by device time)")
     ap.add_argument("--greedy-tokens", type=int, default=32)
@@ -143,18 +153,36 @@ def main() -> int:
     if "decode" in parts:
         t0 = time.perf_counter()
         model = llama_model("llama2-7b", device, torch.float16 if device == "cuda" else torch.float32, args.layers)
-        extra = {"dbllm_unfused": {"init": "maxabs", "fuse_siblings": False}} if args.decode_unfused else None
+        extra = {}
+        if args.decode_unfused:
+            extra["dbllm_unfused"] = {"init": "maxabs", "fuse_siblings": False, "fuse_glu": False}
+        if args.decode_no_glu:
+            extra["dbllm_no_glu"] = {"init": "maxabs", "fuse_glu": False}
+        if args.decode_no_pdl:
+            extra["dbllm_no_pdl"] = {"init": "maxabs", "pdl": False}
+        for spec in args.decode_variant:
+            name, sep, raw = spec.partition("=")
+            if not sep or not name.isidentifier():
+                ap.error(f"--decode-variant {spec!r}: expected NAME=JSON with NAME an identifier")
+            try:
+                extra[f"dbllm_{name}"] = {"init": "maxabs", **json.loads(raw)}
+            except (json.JSONDecodeError, TypeError) as e:
+                ap.error(f"--decode-variant {spec!r}: the options are not a JSON object ({e})")
         result["decode"] = decode_speed(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                        options={"init": "maxabs"}, extra=extra,
+                                        options={"init": "maxabs"}, extra=extra or None,
                                         profile_tokens=args.decode_profile, attention=args.attention)
         result["decode"]["layers"] = model.config.num_hidden_layers
         del model
         torch.cuda.empty_cache() if device == "cuda" else None
         result["seconds"]["decode"] = time.perf_counter() - t0
         d = result["decode"]
-        if "dbllm_unfused" in d:
-            print(f"decode: 2-bit without sibling fusion {d['dbllm_unfused']['decode_tokens_per_s']:.1f} tok/s "
-                  f"({d['decode_speedup_dbllm_unfused']:.2f}x)", flush=True)
+        named = {"dbllm_unfused": "without fusions", "dbllm_no_glu": "without the GLU fusion",
+                 "dbllm_no_pdl": "without PDL"}
+        for name in extra:
+            what = named.get(name, f"variant {name.removeprefix('dbllm_')} {extra[name]}")
+            if name in d:
+                print(f"decode: 2-bit {what} {d[name]['decode_tokens_per_s']:.1f} tok/s "
+                      f"({d['decode_speedup_' + name]:.2f}x)", flush=True)
         print(f"decode: fp16 {d['baseline']['decode_tokens_per_s']:.1f} tok/s, 2-bit {d['dbllm']['decode_tokens_per_s']:.1f} "
               f"tok/s ({d['decode_speedup']:.2f}x); prefill {d['prefill_speedup']:.2f}x; "
               f"peak {d['baseline']['peak_memory_bytes']} vs {d['dbllm']['peak_memory_bytes']} bytes", flush=True)

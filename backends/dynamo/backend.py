@@ -8,8 +8,11 @@ graph:
 1. mode choice: a graph holding dual-binary ops (a model from ``quantize()``/``convert()``) is
    *lowered* as it is; any other graph gets its linears *quantized* on the fly
    (``options["quantize"]`` overrides);
-2. the rewrites of :mod:`.lowering`, then the horizontal fusion of sibling ``db_linear_gpu``
-   calls (:mod:`.fusion`, ``options["fuse_siblings"]``);
+2. the rewrites of :mod:`.lowering`, then the fusions of :mod:`.fusion`: a gated MLP's
+   ``silu(gate(x)) * up(x)`` into one ``db_glu_gpu`` call (``options["fuse_glu"]``), and
+   sibling ``db_linear_gpu`` calls on one activation into one call (``options["fuse_siblings"]``);
+   batch-1 gemvs launched with PDL (:mod:`.pdl`, ``options["pdl"]``), which also turns on
+   Inductor's PDL code for the graph;
 3. ``torch._inductor.compile_fx.compile_fx`` with the config patches of ``mode``
    (``"reduce-overhead"``: CUDA graphs) and ``options["inductor_options"]``; training graphs
    (inputs that require grad) go through AOTAutograd inside ``compile_fx``.
@@ -30,9 +33,10 @@ from torch import fx
 from dbllm_compile.ops import DEPLOY_OP, TRAIN_OP
 
 from .diagnostics import GraphRecord, record_graph
-from .fusion import fuse_sibling_linears
+from .fusion import fuse_glu_linears, fuse_sibling_linears
 from .lowering import lower_dbllm_ops, quantize_graph
 from .options import CompileOptions
+from .pdl import use_pdl_gemv
 
 __all__ = ["dbllm_backend", "BACKEND_NAME", "register"]
 
@@ -82,8 +86,11 @@ def dbllm_backend(
     if quantize:
         quantize_graph(gm, example_inputs, opts, record)
     lower_dbllm_ops(gm, example_inputs, opts, record)
+    if opts.fuse_glu:
+        fuse_glu_linears(gm, record)
     if opts.fuse_siblings:
         fuse_sibling_linears(gm, record)
+    pdl = not training and use_pdl_gemv(gm, record, opts.pdl)  # (the PDL op has no backward)
     if record.mode == "quantize" and not record.rewritten:
         record.mode = "passthrough"
     gm.recompile()
@@ -101,6 +108,8 @@ def dbllm_backend(
         # scales' rounding does not rely on it (torch 2.11 ignored it): the decomposition rounds
         # them with integer ops (train_decomposition.round_like_cast).
         patches["emulate_precision_casts"] = True
+    if pdl:  # PDL pays only when the kernels on both sides of a launch use it
+        patches["triton.enable_pdl"] = True
     patches.update(opts.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 

@@ -7,7 +7,9 @@
 - :mod:`.splitk`: split-K for decode (K plan, reduce kernel, default split heuristic).
 - :mod:`.tuning`: configuration choice per shape, cached on disk per GPU model.
 - :mod:`.dispatch`: the CUDA implementation of ``torch.ops.dbllm.db_linear`` (weight cache).
-- :mod:`.prepared_op`: ``torch.ops.dbllm.db_linear_gpu``, a ``triton_op`` on prepared weights.
+- :mod:`.prepared_op`: ``torch.ops.dbllm.db_linear_gpu``, a ``triton_op`` on prepared weights,
+  and ``torch.ops.dbllm.db_glu_gpu`` (a gated MLP's ``silu(gate) * up`` in the gemv epilogue).
+- :mod:`.pdl_op`: ``torch.ops.dbllm.db_gemv_pdl``, the batch-1 gemv launched with PDL (opaque op).
 - :mod:`.decode_attention`: ``torch.ops.dbllm.decode_attention``, one query token against a KV
   cache (split-KV Triton kernel), used by :mod:`dbllm_compile.attention` for decode steps.
 - :mod:`.a4` / :mod:`.int_dispatch`: 4-bit activations: the quantization kernel and the int8
@@ -59,7 +61,7 @@ def register() -> None:
         return
     from dbllm_compile import ops
 
-    from . import decode_attention, prepared_op  # noqa: F401  (define dbllm::db_linear_gpu, dbllm::decode_attention)
+    from . import decode_attention, pdl_op, prepared_op  # noqa: F401  (define dbllm::db_linear_gpu, ...)
 
     ops.db_linear.register_kernel("cuda")(db_linear_cuda)
     from dbllm_compile import ops_int
