@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from dbllm_compile.errors import DBLLMError
+from dbllm_compile.static_cache import make_static_cache, set_step_positions, use_step_positions
 
 __all__ = ["GenerationResult", "StaticCacheGenerator", "make_static_cache"]
 
@@ -72,26 +73,16 @@ class GenerationResult:
         return d
 
 
-def make_static_cache(model: torch.nn.Module, batch_size: int, max_cache_len: int) -> Any:
-    """A ``transformers.StaticCache`` for ``model`` (works with the 4.x and 5.x signatures)."""
-    from transformers import StaticCache
-
-    param = next(model.parameters())
-    try:
-        return StaticCache(config=model.config, max_cache_len=max_cache_len, max_batch_size=batch_size,
-                           device=param.device, dtype=param.dtype)
-    except TypeError:
-        return StaticCache(config=model.config, max_cache_len=max_cache_len)
-
-
 def _prefill_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, cache_position: torch.Tensor,
                   extra: Mapping[str, Any]) -> torch.Tensor:
+    set_step_positions(cache, cache_position)
     out = model(input_ids=input_ids, past_key_values=cache, cache_position=cache_position, use_cache=True, **extra)
     return out.logits[:, -1, :]
 
 
 def _decode_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, cache_position: torch.Tensor,
                  extra: Mapping[str, Any]) -> torch.Tensor:
+    set_step_positions(cache, cache_position)
     out = model(input_ids=input_ids, past_key_values=cache, cache_position=cache_position, use_cache=True, **extra)
     return out.logits[:, -1, :]
 
@@ -194,6 +185,8 @@ class StaticCacheGenerator:
             # (which would cost a recompilation on the second call).
             one = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
             _decode_step(self.model, one, self._cache, torch.zeros(1, dtype=torch.long, device=self.device), self._extra)
+            # one counter for all layers, advanced once per step (dbllm_compile.static_cache)
+            use_step_positions(self._cache)
         self._cache.reset()
         return self._cache
 
