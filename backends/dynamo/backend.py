@@ -12,7 +12,8 @@ graph:
    ``silu(gate(x)) * up(x)`` into one ``db_glu_gpu`` call (``options["fuse_glu"]``), and
    sibling ``db_linear_gpu`` calls on one activation into one call (``options["fuse_siblings"]``);
    batch-1 gemvs launched with PDL (:mod:`.pdl`, ``options["pdl"]``), which also turns on
-   Inductor's PDL code for the graph;
+   Inductor's PDL code and its combo kernels for the graph (``inductor_options`` can turn
+   either off);
 3. ``torch._inductor.compile_fx.compile_fx`` with the config patches of ``mode``
    (``"reduce-overhead"``: CUDA graphs) and ``options["inductor_options"]``; training graphs
    (inputs that require grad) go through AOTAutograd inside ``compile_fx``.
@@ -110,6 +111,9 @@ def dbllm_backend(
         patches["emulate_precision_casts"] = True
     if pdl:  # PDL pays only when the kernels on both sides of a launch use it
         patches["triton.enable_pdl"] = True
+        # a batch-1 decode graph is launch-bound between its gemvs: Inductor's combo kernels put
+        # independent small kernels (rope of q and k, the cache writes) into one launch
+        patches["combo_kernels"] = True
     patches.update(opts.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
