@@ -6,7 +6,7 @@ step's own positions.
 counter in place. In a compiled decode step that is one more tiny kernel per layer (Inductor
 does not fuse the 32 increments of a 32-layer model with anything: on an H100, 1.2 us of kernel
 plus a launch gap each, ``docs/decode.md``). :func:`use_step_positions` turns the cache's layers
-into :class:`StepPositionLayer` s: they write at the positions the step passes
+into ``StepPositionLayer`` s (a subclass made per layer class): they write at the positions the step passes
 (``cache_position``, which the generator knows anyway), share one counter and advance it once
 per step, from the first layer. Same cache contents, same ``get_seq_length()``.
 
@@ -47,7 +47,7 @@ _classes: dict[type, type] = {}
 def _step_position_class(base: type) -> type:
     cls = _classes.get(base)
     if cls is None:
-        cls = type("StepPositionLayer", (base,), {"update": _update, "__doc__": StepPositionLayer.__doc__})
+        cls = type("StepPositionLayer", (base,), {"update": _update, "__doc__": _LAYER_DOC})
         _classes[base] = cls
     return cls
 
@@ -66,9 +66,8 @@ def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: A
     return self.keys, self.values
 
 
-class StepPositionLayer:
-    """A ``StaticLayer`` that writes at the step's ``cache_position`` (:func:`set_step_positions`)
-    instead of its own counter; the first layer advances the counter all layers share."""
+_LAYER_DOC = """A ``StaticLayer`` that writes at the step's ``cache_position`` (:func:`set_step_positions`)
+instead of its own counter; the first layer advances the counter all layers share."""
 
 
 def use_step_positions(cache: Any) -> bool:

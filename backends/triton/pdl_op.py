@@ -21,13 +21,11 @@ torch reference of the two ops.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
 from .launch import gemv_applies, glu_gemv_applies, launch_gemv, run_config
-from .layout import GpuWeights, supports_group_size
+from .prepared_op import checked_weights, glu_config, rows, runs_kernels
 from .tuning import choose
 
 __all__ = ["db_gemv_pdl", "PDL_OP"]
@@ -44,19 +42,17 @@ def db_gemv_pdl(
     glu: bool,
 ) -> torch.Tensor:
     """``db_glu_gpu(...)`` if ``glu`` else ``db_linear_gpu(...)``, gemv launched with PDL (module docstring)."""
-    gpu = torch.ops.dbllm.db_glu_gpu if glu else torch.ops.dbllm.db_linear_gpu
-    if x.device.type != "cuda" or x.dtype != scales.dtype or not supports_group_size(group_size):
+    if not runs_kernels(x, scales, group_size):  # the torch reference of the op it stands for
+        gpu = torch.ops.dbllm.db_glu_gpu if glu else torch.ops.dbllm.db_linear_gpu
         return gpu(x, qweight, scales, bias, in_features, group_size)
-    gw = GpuWeights(qweight, scales, in_features, group_size)
+    gw = checked_weights("db_gemv_pdl", x, qweight, scales, in_features, group_size)
     n = qweight.shape[0]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows(x, in_features)
     if bias is not None and bias.dtype != x2.dtype:
         bias = bias.to(x2.dtype)
-    cfg = choose(x2, gw, bias)
-    if glu and cfg.kind == "gemv":
-        cfg = dataclasses.replace(cfg, split_k=1)  # the gate epilogue needs whole rows
+    cfg = choose(x2, gw, bias)  # (real tensors here: an opaque op never runs on fake ones)
+    if glu:
+        cfg = glu_config(cfg)
     if cfg.kind == "gemv" and (glu_gemv_applies(x2, gw, cfg) if glu else gemv_applies(x2)):
         z = launch_gemv(x2, gw, bias, cfg, glu=glu, pdl=True)
     else:

@@ -44,6 +44,34 @@ def _is_real_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and not is_fake(t) and not torch.compiler.is_compiling()
 
 
+def checked_weights(op: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
+                    group_size: int) -> GpuWeights:
+    """The op's weights as :class:`GpuWeights`, after checking them against ``x`` (errors name ``op``)."""
+    gw = GpuWeights(qweight, scales, in_features, group_size)
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"{op}: x has {x.shape[-1]} features, layer expects {in_features}")
+    torch._check(qweight.dim() == 2 and qweight.shape[1] * 16 >= gw.k_pad,
+                 lambda: f"{op}: qweight {tuple(qweight.shape)} too small for K={in_features}")
+    return gw
+
+
+def runs_kernels(x: torch.Tensor, scales: torch.Tensor, group_size: int) -> bool:
+    """Whether the Triton kernels take this call (CUDA, the dtype the scales were prepared for, a
+    supported group size); otherwise the torch reference runs."""
+    return x.device.type == "cuda" and x.dtype == scales.dtype and supports_group_size(group_size)
+
+
+def rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x`` as ``[M, K]`` with unit stride along K."""
+    x2 = x.reshape(-1, in_features)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def glu_config(cfg):
+    """``cfg`` for the GLU epilogue: a gemv's split-K dropped (the epilogue needs whole rows)."""
+    return dataclasses.replace(cfg, split_k=1) if cfg.kind == "gemv" and cfg.split_k > 1 else cfg
+
+
 def _choose(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None):
     """The kernel configuration of ``x2 @ gw`` (tuned on real inputs in eager mode; see module docstring)."""
     if _is_real_cuda(x2):
@@ -62,18 +90,12 @@ def db_linear_gpu(
     group_size: int,
 ) -> torch.Tensor:
     """``y = x @ w.T + bias`` with ``w`` decoded from the GPU layout (see module docstring)."""
-    gw = GpuWeights(qweight, scales, in_features, group_size)
-    torch._check(x.shape[-1] == in_features,
-                 lambda: f"db_linear_gpu: x has {x.shape[-1]} features, layer expects {in_features}")
-    torch._check(qweight.dim() == 2 and qweight.shape[1] * 16 >= gw.k_pad,
-                 lambda: f"db_linear_gpu: qweight {tuple(qweight.shape)} too small for K={in_features}")
+    gw = checked_weights("db_linear_gpu", x, qweight, scales, in_features, group_size)
     n = qweight.shape[0]
-    if x.device.type != "cuda" or x.dtype != scales.dtype or not supports_group_size(group_size):
+    if not runs_kernels(x, scales, group_size):
         w = dequantize_gpu_layout(gw).to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows(x, in_features)
     cfg = _choose(x2, gw, bias)
     y = run_config(x2, gw, bias, cfg, wrap=True)
     return y.reshape(*x.shape[:-1], n)
@@ -114,24 +136,16 @@ def db_glu_gpu(
     group_size: int,
 ) -> torch.Tensor:
     """``silu(y[..., :H]) * y[..., H:]`` with ``y = x @ w.T + bias``, ``w`` of ``2H`` rows (module docstring)."""
-    gw = GpuWeights(qweight, scales, in_features, group_size)
-    torch._check(x.shape[-1] == in_features,
-                 lambda: f"db_glu_gpu: x has {x.shape[-1]} features, layer expects {in_features}")
-    torch._check(qweight.dim() == 2 and qweight.shape[1] * 16 >= gw.k_pad,
-                 lambda: f"db_glu_gpu: qweight {tuple(qweight.shape)} too small for K={in_features}")
+    gw = checked_weights("db_glu_gpu", x, qweight, scales, in_features, group_size)
     n = qweight.shape[0]
     torch._check(n % 2 == 0, lambda: f"db_glu_gpu: {n} weight rows; expected gate and up rows, 2H in all")
     h = n // 2
-    if x.device.type != "cuda" or x.dtype != scales.dtype or not supports_group_size(group_size):
+    if not runs_kernels(x, scales, group_size):
         w = dequantize_gpu_layout(gw).to(x.dtype)
         y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
         return F.silu(y[..., :h]) * y[..., h:]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    cfg = _choose(x2, gw, bias)
-    if cfg.kind == "gemv" and cfg.split_k > 1:  # the epilogue needs whole rows: one program per K range
-        cfg = dataclasses.replace(cfg, split_k=1)
+    x2 = rows(x, in_features)
+    cfg = glu_config(_choose(x2, gw, bias))
     if glu_gemv_applies(x2, gw, cfg):
         if bias is not None and bias.dtype != x2.dtype:
             bias = bias.to(x2.dtype)
