@@ -222,6 +222,44 @@ def test_artifact_option_uses_the_trained_layers_of_a_saved_artifact(tmp_path, m
     assert not torch.allclose(y, y_fly)
 
 
+def _rotated_deployed(tiny_llama, ids, block=64):
+    return dc.convert(dc.quantize(tiny_llama, (ids,), dc.DBLLMConfig(rotation_block=block, init="maxabs"),
+                                  example_kwargs={"use_cache": False}, progress=False), progress=False)
+
+
+def test_rotated_artifact_and_rotation_option_match_the_rotated_eager_model(tmp_path, tiny_llama):
+    # An artifact trained with rotation_block holds W @ Q: the backend must rotate the inputs too
+    # (it used to apply the rotated bits to unrotated inputs, silently wrong).
+    from dbllm_compile.artifact import save_deployed
+
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    deployed = _rotated_deployed(tiny_llama, ids)
+    save_deployed(deployed, tmp_path / "art")
+    with torch.no_grad():
+        ref = deployed(ids).logits
+        for opts in ({"artifact": str(tmp_path / "art")}, {"artifact": str(tmp_path / "art"), "rotation_block": 64},
+                     {"rotation_block": 64}):
+            torch._dynamo.reset()
+            out = torch.compile(tiny_llama, backend="dbllm", options={**FAST, **opts})(ids, use_cache=False).logits
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{opts}: {m}")
+            # q/k/v share one rotation, gate/up another, o_proj and down_proj one each: 4 per layer
+            assert stats().graphs[-1].lowered["hadamard:decomposed"] == 4 * 2, opts
+        torch._dynamo.reset()
+        plain = torch.compile(tiny_llama, backend="dbllm", options=FAST)(ids, use_cache=False).logits
+    assert not torch.allclose(plain, ref, atol=1e-3)
+
+
+def test_rotation_option_contradicting_the_artifact_names_both(tmp_path, tiny_llama):
+    from dbllm_compile.artifact import save_deployed
+
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    save_deployed(_rotated_deployed(tiny_llama, ids), tmp_path / "art")
+    with pytest.raises(Exception, match=r"rotation_block'\]=32 but the artifact .* rotation_block=64"):
+        with torch.no_grad():
+            torch.compile(tiny_llama, backend="dbllm",
+                          options={**FAST, "artifact": str(tmp_path / "art"), "rotation_block": 32})(ids, use_cache=False)
+
+
 def test_static_cache_generation_matches_eager_quantized_model(tiny_llama):
     from dbllm_compile.bench import greedy_match
 

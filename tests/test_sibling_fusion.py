@@ -235,3 +235,35 @@ def test_backend_fuses_tiny_llama(attention_bias, inductor, monkeypatch):
         assert torch.equal(logits["siblings"], logits["none"])
     # the GLU call computes gate and up as one product on the concatenated weights
     torch.testing.assert_close(logits["both"], logits["none"], rtol=1e-5, atol=1e-5)
+
+
+def test_rotated_tiny_llama_keeps_the_fusions_and_the_logits(monkeypatch):
+    """``rotation_block``: the inserted rotation is one node per shared input, so q/k/v and gate/up
+    still fuse, and the logits are those of the eagerly deployed rotated model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import dbllm_compile as dc
+    from dbllm_compile.backends.dynamo import lowering
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    deployed = dc.convert(dc.quantize(model, (ids,), dc.DBLLMConfig(rotation_block=64, init="maxabs"),
+                                      example_kwargs={"use_cache": False}, progress=False), progress=False)
+    monkeypatch.setattr(lowering, "_gpu_form", lambda x_val, device, opts: torch.float16)
+    torch._dynamo.reset()
+    reset_stats()
+    try:
+        compiled = torch.compile(model, backend="dbllm", fullgraph=True,
+                                 options={"init": "maxabs", "inductor": False, "rotation_block": 64})
+        with torch.no_grad():
+            out = compiled(ids, use_cache=False).logits
+            ref = deployed(ids).logits
+    finally:
+        torch._dynamo.reset()
+    s = stats()
+    assert (s.fused_groups, s.linears_fused, s.glu_fused) == (2, 6, 2)
+    assert s.ops_lowered["hadamard:decomposed"] == 8
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -96,13 +96,58 @@ def _weight_device(gm: fx.GraphModule, target: str) -> torch.device:
     return get_attr_value(gm, target).device
 
 
+def _artifact_rotation(opts: CompileOptions) -> int:
+    """The Hadamard block of the run: ``options["rotation_block"]``, or the artifact's when the
+    option is left at 0. An artifact's layers hold ``W @ Q``; without the rotation of their input
+    they compute something else, so a conflict is an error, never a silent choice."""
+    if not opts.artifact:
+        return opts.rotation_block
+    from dbllm_compile.artifact.format import read_manifest
+
+    stored = int(read_manifest(opts.artifact)["config"].get("rotation_block", 0) or 0)
+    if opts.rotation_block and opts.rotation_block != stored:
+        raise GraphPassError(
+            f"torch.compile backend 'dbllm': options['rotation_block']={opts.rotation_block} but the artifact "
+            f"{opts.artifact!r} was trained with rotation_block={stored}; leave the option out (the artifact's "
+            f"value is used) or set it to {stored}"
+        )
+    return stored
+
+
+def _rotate_inputs(gm: fx.GraphModule, selected: list, block: int) -> None:
+    """Insert one Hadamard rotation (plain ops: :func:`hadamard_decomposed`) per distinct input of
+    the selected linears, right after that input, and make the linears read it: siblings (q/k/v,
+    gate/up) share one rotation, as in :func:`dbllm_compile.passes.rotation.insert_input_rotation`."""
+    from dbllm_compile.passes.decompose import hadamard_decomposed
+    from dbllm_compile.passes.rotation import check_rotation_fits
+
+    check_rotation_fits([(s.name, s.in_features) for _, group in selected for s in group], block)
+    rotated: dict[fx.Node, fx.Node] = {}
+    for _, group in selected:
+        for s in group:
+            if s.x not in rotated:
+                with gm.graph.inserting_after(s.x):
+                    rotated[s.x] = gm.graph.call_function(hadamard_decomposed, (s.x, block))
+            s.x = rotated[s.x]
+
+
 def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOptions, record: GraphRecord) -> None:
-    """On-the-fly mode: quantize the selected linears of a Dynamo graph in place."""
+    """On-the-fly mode: quantize the selected linears of a Dynamo graph in place.
+
+    With ``rotation_block`` (the option, or the artifact's) the weights are quantized as ``W @ Q``
+    and each linear reads its input rotated by the block-diagonal Hadamard ``Q``, as
+    :func:`dbllm_compile.quantize` does for the same config.
+    """
     frozen = normalize_dynamo_graph(gm, example_inputs)
     try:
-        config = opts.db_config()
+        import dataclasses
+
+        config = dataclasses.replace(opts.db_config(), rotation_block=_artifact_rotation(opts))
         report, selected = select_linears(gm, config)
         artifact = load_artifact_layers(opts.artifact) if opts.artifact else {}
+        if config.rotation_block:
+            _rotate_inputs(gm, selected, config.rotation_block)
+            record.lowered["hadamard:decomposed"] += len({s.x for _, group in selected for s in group})
         for s in report.skipped:
             if opts.strict and not any(c in s.reason for c in _CONFIGURED):
                 raise GraphPassError(

@@ -40,10 +40,11 @@ class CompileOptions:
         quantize: on-the-fly quantization of plain linears. ``"auto"``: only in graphs that hold
             no dual-binary op yet (a plain model; a model from ``quantize()``/``convert()`` is
             lowered as it is); ``"always"``; ``"never"`` (lower existing dual-binary ops only).
-        artifact: path of a trained artifact whose packed layers replace the on-the-fly
-            quantization of the layers it names. Needs artifact loading
-            (:func:`dbllm_compile.backends.dynamo.weights.load_artifact_layers`); until that
-            exists the option is rejected with an error rather than ignored.
+        artifact: path of a trained artifact (what ``dbllm-compile quantize`` or
+            :func:`dbllm_compile.artifact.save_deployed` writes) whose packed layers replace the on-the-fly
+            quantization of the layers it names (:func:`dbllm_compile.artifact.load_layers`). An
+            artifact trained with a Hadamard rotation brings its ``rotation_block``: the option may
+            repeat it, a different value is an error.
         decompose_train: in training graphs, replace ``dbllm::db_linear_train`` (opaque to
             Inductor) by the same computation in plain torch ops with straight-through
             estimators, so Inductor fuses the bit assignment and dequantization. ``"auto"``

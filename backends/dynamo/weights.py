@@ -42,6 +42,10 @@ _cache = TensorCache()
 def _quantize(param: torch.Tensor, layout: str, config: DBLLMConfig, name: str):
     weight = param.detach()
     latent = weight if layout == "nk" else weight.t()
+    if config.rotation_block:  # the input is rotated by Q: quantize W @ Q, as quantize() does
+        from dbllm_compile.reference.rotation import rotate_weight
+
+        latent = rotate_weight(latent, config.rotation_block)
     check_weight(latent, name)
     init, _ = _init_layer(latent, config, name)  # the same initialisation as quantize()
     c = getattr(init, "c", None)
@@ -57,7 +61,7 @@ def quantized_weights(param: torch.Tensor, layout: str, config: DBLLMConfig, for
     give the same weight with the same config: same initialisation, same rounding of the scales.
     """
     key = (layout, config.group_size, config.init, config.init_grid_points, config.init_refine_iters,
-           config.scale_dtype, config.codebook, form)
+           config.scale_dtype, config.codebook, config.rotation_block, form)
     cached = _cache.get((param,), key)
     if cached is not None:
         return cached, True
