@@ -252,7 +252,13 @@ def test_rotated_tiny_llama_keeps_the_fusions_and_the_logits(monkeypatch):
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     deployed = dc.convert(dc.quantize(model, (ids,), dc.DBLLMConfig(rotation_block=64, init="maxabs"),
                                       example_kwargs={"use_cache": False}, progress=False), progress=False)
-    monkeypatch.setattr(lowering, "_gpu_form", lambda x_val, device, opts: torch.float16)
+    seen = []
+
+    def gpu_form(x_val, device, opts):  # the rotated input must keep the value the form is chosen by
+        seen.append(isinstance(x_val, torch.Tensor) and x_val.dtype == torch.float32)
+        return torch.float16
+
+    monkeypatch.setattr(lowering, "_gpu_form", gpu_form)
     torch._dynamo.reset()
     reset_stats()
     try:
@@ -266,4 +272,5 @@ def test_rotated_tiny_llama_keeps_the_fusions_and_the_logits(monkeypatch):
     s = stats()
     assert (s.fused_groups, s.linears_fused, s.glu_fused) == (2, 6, 2)
     assert s.ops_lowered["hadamard:decomposed"] == 8
+    assert seen and all(seen), seen
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -127,7 +127,10 @@ def _rotate_inputs(gm: fx.GraphModule, selected: list, block: int) -> None:
         for s in group:
             if s.x not in rotated:
                 with gm.graph.inserting_after(s.x):
-                    rotated[s.x] = gm.graph.call_function(hadamard_decomposed, (s.x, block))
+                    node = gm.graph.call_function(hadamard_decomposed, (s.x, block))
+                # same shape, dtype and device: the GPU-form choice and the later rewrites read it
+                node.meta.update({k: s.x.meta[k] for k in ("val", "example_value") if k in s.x.meta})
+                rotated[s.x] = node
             s.x = rotated[s.x]
 
 
@@ -172,7 +175,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
                 if c is not None:
                     form = None
                 if form is None:
-                    value: Any = (packed, a1, a2) if c is None else (packed, a1, a2, c)
+                    value: Any = tuple(t.to(param.device) for t in ((packed, a1, a2) if c is None else (packed, a1, a2, c)))
                 else:
                     from dbllm_compile.backends.triton import to_gpu_layout
 
