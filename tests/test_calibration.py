@@ -388,3 +388,26 @@ def test_fingerprint_of_a_tensor_larger_than_float32_can_index():
     from dbllm_compile.distill.calibration import teacher_fingerprint
 
     assert len(teacher_fingerprint(big)) == 64
+
+
+def test_default_generation_batch_fits_the_kv_caches_in_half_the_free_memory(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dbllm_compile.distill.calibration import default_generation_batch
+    from dbllm_compile.distill.calibration import generate as gen
+
+    torch.manual_seed(0)
+    # SmolLM2-135M's cache shape: 30 layers, 3 KV heads of 64, float32; vocabulary kept small here
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                         num_hidden_layers=30, intermediate_size=16, vocab_size=1000))
+    assert default_generation_batch(model, 512) == 64  # off CUDA
+    per_sequence = 30 * 2 * 3 * 64 * 512 * 4 + 24 * 1000  # 23.6 MB of cache + the sampling buffers
+    free = {}
+    monkeypatch.setattr(gen, "_default_device", lambda teacher: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    for free_bytes, expected in [(79 << 30, 1024), (20 * per_sequence, 8), (2 * per_sequence, 1), (0, 1)]:
+        free["bytes"] = free_bytes
+        assert default_generation_batch(model, 512) == expected, free_bytes
+    free["bytes"] = 79 << 30
+    assert default_generation_batch(model, 512, cap=256) == 256
+    assert default_generation_batch(model.half(), 4096) == 256  # half the bytes per entry, 8x the length: 418 fit

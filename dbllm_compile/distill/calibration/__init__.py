@@ -45,7 +45,12 @@ from dbllm_compile.distill.calibration.cache import (
     teacher_fingerprint,
 )
 from dbllm_compile.distill.calibration.corpus import corpus_calibration, mix_calibration
-from dbllm_compile.distill.calibration.generate import first_token_candidates, generate_calibration, sample_from_logits
+from dbllm_compile.distill.calibration.generate import (
+    default_generation_batch,
+    first_token_candidates,
+    generate_calibration,
+    sample_from_logits,
+)
 from dbllm_compile.distill.calibration.spec import CalibrationData, CalibrationSpec
 
 __all__ = [
@@ -55,6 +60,7 @@ __all__ = [
     "CalibrationSpec",
     "calibration_cache_key",
     "corpus_calibration",
+    "default_generation_batch",
     "first_token_candidates",
     "generate_calibration",
     "mix_calibration",
