@@ -52,13 +52,19 @@ def source_to_path(source_name: str) -> str | None:
     for ``torch.compile(model)``, ``L['model']`` for a compiled function taking the model), or
     None for globals and other sources.
 
+    A module compiled directly can also be traced through its call wrapper, where it is the first
+    positional argument (``L['args'][0]``, torch 2.13 with Hugging Face models): that index is
+    part of the root, not of the path.
+
     Example:
         >>> source_to_path("L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']")
         'model.layers.0.weight'
         >>> source_to_path("L['self'].lm_head.weight")
         'lm_head.weight'
+        >>> source_to_path("L['args'][0]._modules['model']._modules['embed_tokens']._parameters['weight']")
+        'model.embed_tokens.weight'
     """
-    root = re.match(r"L\['[A-Za-z_][A-Za-z0-9_]*'\]", source_name)
+    root = re.match(r"L\['args'\]\[\d+\]|L\['[A-Za-z_][A-Za-z0-9_]*'\]", source_name)
     if root is None:
         return None
     parts = [a or b or c for a, b, c in _PATH_PART.findall(source_name[root.end():])]

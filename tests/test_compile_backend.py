@@ -222,9 +222,14 @@ def test_artifact_option_uses_the_trained_layers_of_a_saved_artifact(tmp_path, m
     assert not torch.allclose(y, y_fly)
 
 
-def _rotated_deployed(tiny_llama, ids, block=64):
-    return dc.convert(dc.quantize(tiny_llama, (ids,), dc.DBLLMConfig(rotation_block=block, init="maxabs"),
-                                  example_kwargs={"use_cache": False}, progress=False), progress=False)
+def _rotated_deployed(tiny_llama, ids, block=64, trained=True):
+    qmodel = dc.quantize(tiny_llama, (ids,), dc.DBLLMConfig(rotation_block=block, init="maxabs"),
+                         example_kwargs={"use_cache": False}, progress=False)
+    if trained:  # "train" it: the artifact's scales must differ from an on-the-fly init
+        with torch.no_grad():
+            for p in qmodel.scale_parameters():
+                p.mul_(1.1)
+    return dc.convert(qmodel, progress=False)
 
 
 def test_rotated_artifact_and_rotation_option_match_the_rotated_eager_model(tmp_path, tiny_llama):
@@ -233,20 +238,53 @@ def test_rotated_artifact_and_rotation_option_match_the_rotated_eager_model(tmp_
     from dbllm_compile.artifact import save_deployed
 
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    deployed = _rotated_deployed(tiny_llama, ids)
-    save_deployed(deployed, tmp_path / "art")
+    trained = _rotated_deployed(tiny_llama, ids)
+    save_deployed(trained, tmp_path / "art")
+    art = str(tmp_path / "art")
     with torch.no_grad():
-        ref = deployed(ids).logits
-        for opts in ({"artifact": str(tmp_path / "art")}, {"artifact": str(tmp_path / "art"), "rotation_block": 64},
-                     {"rotation_block": 64}):
+        refs = {"trained": trained(ids).logits, "init": _rotated_deployed(tiny_llama, ids, trained=False)(ids).logits}
+        assert not torch.allclose(refs["trained"], refs["init"], atol=1e-3)
+        for opts, ref in (({"artifact": art}, "trained"), ({"artifact": art, "rotation_block": 64}, "trained"),
+                          ({"rotation_block": 64}, "init")):
             torch._dynamo.reset()
             out = torch.compile(tiny_llama, backend="dbllm", options={**FAST, **opts})(ids, use_cache=False).logits
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{opts}: {m}")
+            torch.testing.assert_close(out, refs[ref], atol=1e-5, rtol=1e-5, msg=lambda m: f"{opts}: {m}")
             # q/k/v share one rotation, gate/up another, o_proj and down_proj one each: 4 per layer
             assert stats().graphs[-1].lowered["hadamard:decomposed"] == 4 * 2, opts
         torch._dynamo.reset()
         plain = torch.compile(tiny_llama, backend="dbllm", options=FAST)(ids, use_cache=False).logits
-    assert not torch.allclose(plain, ref, atol=1e-3)
+    assert not torch.allclose(plain, refs["init"], atol=1e-3)
+
+
+def test_artifact_of_another_model_is_an_error(tmp_path, tiny_llama, mlp):
+    from dbllm_compile.artifact import save_deployed
+
+    x = torch.randn(3, 64)
+    save_deployed(dc.convert(dc.quantize(mlp, (x,), dc.DBLLMConfig(keep_head=False, init="maxabs"), progress=False),
+                             progress=False), tmp_path / "mlp")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Exception, match=r"none of the \d+ linear\(s\) of this graph is a layer of the artifact"):
+        with torch.no_grad():
+            torch.compile(tiny_llama, backend="dbllm",
+                          options={**FAST, "artifact": str(tmp_path / "mlp")})(ids, use_cache=False)
+
+
+def test_linears_outside_the_artifact_stay_in_full_precision(tmp_path, tiny_llama):
+    from dbllm_compile.artifact import save_deployed
+
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    deployed = dc.convert(dc.quantize(tiny_llama, (ids,), dc.DBLLMConfig(exclude=("*mlp*",), init="maxabs"),
+                                      example_kwargs={"use_cache": False}, progress=False), progress=False)
+    save_deployed(deployed, tmp_path / "art")
+    with torch.no_grad():
+        out = torch.compile(tiny_llama, backend="dbllm",
+                            options={**FAST, "artifact": str(tmp_path / "art")})(ids, use_cache=False).logits
+        torch.testing.assert_close(out, deployed(ids).logits, atol=1e-5, rtol=1e-5)
+    s = stats()
+    assert len(s.graphs[-1].rewritten) == 8  # q/k/v/o of 2 layers; the 6 MLP linears as the artifact kept them
+    kept = [name for name, _, reason in s.skipped if "not a layer of the artifact" in reason]
+    assert sorted(kept) == sorted(f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj",
+                                                                                          "down_proj"))
 
 
 def test_rotation_option_contradicting_the_artifact_names_both(tmp_path, tiny_llama):

@@ -49,7 +49,8 @@ from .weights import load_artifact_layers, quantized_weights
 __all__ = ["quantize_graph", "lower_dbllm_ops", "db_linear_train_decomposed", "gpu_kernels_available"]
 
 # Skip reasons that come from the configuration, never an error under strict=True.
-_CONFIGURED = ("output head kept", "not matched by include", "matched by exclude", "tied weights")
+_CONFIGURED = ("output head kept", "not matched by include", "matched by exclude", "tied weights",
+               "not a layer of the artifact")
 
 
 def gpu_kernels_available() -> bool:
@@ -139,7 +140,9 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
 
     With ``rotation_block`` (the option, or the artifact's) the weights are quantized as ``W @ Q``
     and each linear reads its input rotated by the block-diagonal Hadamard ``Q``, as
-    :func:`dbllm_compile.quantize` does for the same config.
+    :func:`dbllm_compile.quantize` does for the same config. With ``artifact`` only the artifact's
+    layers become dual-binary (its bits and scales); a selected linear it does not hold stays in
+    full precision, as the artifact kept it, and is listed in ``record.skipped``.
     """
     frozen = normalize_dynamo_graph(gm, example_inputs)
     try:
@@ -148,9 +151,6 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
         config = dataclasses.replace(opts.db_config(), rotation_block=_artifact_rotation(opts))
         report, selected = select_linears(gm, config)
         artifact = load_artifact_layers(opts.artifact) if opts.artifact else {}
-        if config.rotation_block:
-            _rotate_inputs(gm, selected, config.rotation_block)
-            record.lowered["hadamard:decomposed"] += len({s.x for _, group in selected for s in group})
         for s in report.skipped:
             if opts.strict and not any(c in s.reason for c in _CONFIGURED):
                 raise GraphPassError(
@@ -159,6 +159,21 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
                 )
             record.skipped.append((s.name, s.node, s.reason))
         G = config.group_size
+        if opts.artifact:  # the artifact's model: its layers in 2 bits, every other layer as it kept it
+            if selected and not any(target in artifact for target, _ in selected):
+                raise GraphPassError(
+                    f"torch.compile backend 'dbllm': none of the {len(selected)} linear(s) of this graph is a layer "
+                    f"of the artifact {opts.artifact!r} (graph weight {selected[0][0]!r}, artifact layer "
+                    f"{next(iter(artifact), None)!r}); compile the model the artifact was made from"
+                )
+            for target, group in selected:
+                if target not in artifact:
+                    record.skipped.extend((s.name, s.node.name, "not a layer of the artifact (kept in full "
+                                           "precision, as in the artifact)") for s in group)
+            selected = [(target, group) for target, group in selected if target in artifact]
+        if config.rotation_block:
+            _rotate_inputs(gm, selected, config.rotation_block)
+            record.lowered["hadamard:decomposed"] += len({s.x for _, group in selected for s in group})
         for target, group in selected:
             site = group[0]
             param = get_attr_value(gm, target)

@@ -42,7 +42,8 @@ class CompileOptions:
             lowered as it is); ``"always"``; ``"never"`` (lower existing dual-binary ops only).
         artifact: path of a trained artifact (what ``dbllm-compile quantize`` or
             :func:`dbllm_compile.artifact.save_deployed` writes) whose packed layers replace the on-the-fly
-            quantization of the layers it names (:func:`dbllm_compile.artifact.load_layers`). An
+            quantization of the layers it names (:func:`dbllm_compile.artifact.load_layers`);
+            linears it does not hold stay in full precision, as the artifact kept them. An
             artifact trained with a Hadamard rotation brings its ``rotation_block``: the option may
             repeat it, a different value is an error.
         decompose_train: in training graphs, replace ``dbllm::db_linear_train`` (opaque to
