@@ -164,7 +164,8 @@ def run_variant(model, ids, student_mode: str, teacher_mode: str, steps: int, ro
     return res
 
 
-def run_train_e2e(model, data, steps: int, rotation: int, compile_teacher: bool, cuda_graphs: bool) -> dict:
+def run_train_e2e(model, data, steps: int, rotation: int, compile_teacher: bool, cuda_graphs: bool,
+                  compile_cache: str = "") -> dict:
     """:func:`train_end_to_end` itself (the recipe's loop) with ``compile=True``: median tokens/s of
     its own records after the first 20 steps, the first steps' seconds, the losses."""
     import statistics
@@ -177,7 +178,7 @@ def run_train_e2e(model, data, steps: int, rotation: int, compile_teacher: bool,
     student = dc.quantize(model, (data[:8].to(next(model.parameters()).device),), dc.DBLLMConfig(init="maxabs", rotation_block=rotation),
                           example_kwargs={"use_cache": False}, progress=False)
     cfg = DistillConfig(steps=steps, batch_size=8, compile=True, compile_teacher=compile_teacher,
-                        cuda_graphs=cuda_graphs, checkpoint_every=10**6)
+                        cuda_graphs=cuda_graphs, checkpoint_every=10**6, compile_cache=compile_cache)
     metrics = MetricsLog(None)
     t0, t0_wall = time.perf_counter(), time.time()
     losses = train_end_to_end(student, lambda ids: model(ids, use_cache=False), data, cfg, metrics=metrics,
@@ -190,7 +191,10 @@ def run_train_e2e(model, data, steps: int, rotation: int, compile_teacher: bool,
            "tokens_per_s_median": statistics.median(rates) if rates else None,
            "ms_per_step_median": 8 * data.shape[1] / statistics.median(rates) * 1e3 if rates else None,
            "first_step_s": times[0] - t0_wall if times else None, "losses": losses,
-           "flags": [r for r in metrics.records if "compiled" in r]}
+           "flags": [r for r in metrics.records if "compiled" in r],
+           "first_step_seconds": next((r["first_step_seconds"] for r in metrics.records if "first_step_seconds" in r), None),
+           "compile_cache": [{k: r[k] for k in r if k.startswith("compile_cache")} for r in metrics.records
+                             if any(k.startswith("compile_cache") for k in r)]}
     del student
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -212,6 +216,10 @@ def main() -> int:
     ap.add_argument("--e2e-steps", type=int, default=0,
                     help="instead of the variants: train_end_to_end itself for that many steps, old form "
                          "(eager teacher, no CUDA graphs) against the new default, same data")
+    ap.add_argument("--compile-cache", default="", metavar="FILE",
+                    help="with --e2e-steps: only the default form (compiled teacher, CUDA graphs), with "
+                         "DistillConfig.compile_cache=FILE (loaded if it exists, written after the first step); "
+                         "run twice with fresh TORCHINDUCTOR_CACHE_DIRs to time a fresh machine with and without it")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -228,14 +236,18 @@ def main() -> int:
     if args.e2e_steps:
         data = torch.randint(0, model.config.vocab_size, (64, args.seq_len), generator=torch.Generator().manual_seed(1))
         result["train_e2e"] = []
-        for teacher_c, graphs in ((False, False), (True, True)):
-            r = run_train_e2e(model, data, args.e2e_steps, args.rotation, teacher_c, graphs)
+        forms = ((True, True),) if args.compile_cache else ((False, False), (True, True))
+        for teacher_c, graphs in forms:
+            r = run_train_e2e(model, data, args.e2e_steps, args.rotation, teacher_c, graphs, args.compile_cache)
             result["train_e2e"].append(r)
             args.out.write_text(json.dumps(result, indent=1))
             ms = f"{r['ms_per_step_median']:.1f}" if r["ms_per_step_median"] else "n/a"
             print(f"train_end_to_end compile_teacher={teacher_c} cuda_graphs={graphs}: {ms} "
                   f"ms/step median, wall {r['wall_s']:.1f} s, first step {r['first_step_s']:.1f} s, "
-                  f"loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}", flush=True)
+                  f"loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}; first_step_seconds "
+                  f"{r['first_step_seconds']:.1f}; {r['compile_cache']}", flush=True)
+        if args.compile_cache:
+            return 0
         a, b = result["train_e2e"]
         diff = max(abs(x - y) / max(abs(x), 1e-9) for x, y in zip(a["losses"], b["losses"]))
         print(f"max relative loss difference over {args.e2e_steps} steps: {diff:.2e}", flush=True)

@@ -96,6 +96,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "--device cuda, off on CPU; on CUDA the compiled step and the teacher run under CUDA graphs. "
                         "On an H100 the recipe's step took 0.077 s (about 13 steps/s; 1.5 eager; docs/results.md "
                         "3.0e); the first step pays the compile (~5 min)")
+    d.add_argument("--compile-cache", default=None, metavar="FILE",
+                   help="with the compiled step: load Inductor's compiled code for it from FILE when FILE exists, "
+                        "and write FILE after the first step (torch's portable compile cache; carry it to a fresh "
+                        "machine of the same kind to skip that part of the compile; DistillConfig.compile_cache)")
     d.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
                    help="mixed precision of both distillation stages (DistillConfig.autocast): 'auto' (default) "
                         "runs in the exported dtype (TF32 matmuls on CUDA); 'bf16' runs the student and the "
@@ -316,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
                                     # on the H100 machines): at most one every 2 minutes
                                     checkpoint_every=25, checkpoint_seconds=120.0,
                                     profile_steps=args.profile_steps, autocast=args.autocast,
-                                    compile=args.compile if args.compile is not None else device.type == "cuda")
+                                    compile=args.compile if args.compile is not None else device.type == "cuda",
+                                    compile_cache=args.compile_cache or "")
     texts: dict[str, str] = {}
     extra_files: set[str] = set()
     if not args.no_default_text:
@@ -374,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
             act_cfg = DistillConfig(steps=budget["act_steps"], batch_size=budget["batch_size"],
                                     loss=distill_cfg.loss, seed=args.seed, compile=distill_cfg.compile,
-                                    autocast=distill_cfg.autocast)
+                                    autocast=distill_cfg.autocast, compile_cache=distill_cfg.compile_cache)
             with _stage(timings, "distill (weights, then activations)", console):
                 runs = distill_w2a4(qmodel, model, data.input_ids, distill_cfg, act_cfg, out_dir=run_dir,
                                     on_stage_end=on_stage_end, weights_from=args.weights_from)

@@ -10,6 +10,7 @@ import torch
 
 from dbllm_compile.api import DBLLMModel
 from dbllm_compile.distill.checkpoint import MetricsLog, save_checkpoint
+from dbllm_compile.distill.compile_cache import load_compile_cache, save_compile_cache
 from dbllm_compile.distill.losses import dad_weights
 from dbllm_compile.distill.step import build_step, mark_step, uses_cuda_graphs
 from dbllm_compile.distill.train import (
@@ -69,6 +70,9 @@ def train_end_to_end(
         metrics.log(stage="e2e", autocast=cfg.autocast, dtype_assertions_removed=stripped)
     _autocast(device, cfg.autocast)  # the TF32 switch of "auto"; the step enters bf16 autocast itself
     graphed = uses_cuda_graphs(cfg.compile, cfg.cuda_graphs, device)
+    if cfg.compile and cfg.compile_cache:
+        loaded = load_compile_cache(cfg.compile_cache)
+        metrics.log(stage="e2e", compile_cache_loaded=loaded or {"file": cfg.compile_cache, "bytes": 0})
     teacher_logits, student_loss = build_step(
         student, teacher, cfg.loss, bf16=cfg.autocast == "bf16", device=device, compile=cfg.compile,
         compile_teacher=cfg.compile_teacher, cuda_graphs=cfg.cuda_graphs)
@@ -76,7 +80,7 @@ def train_end_to_end(
         metrics.log(stage="e2e", compiled=True, compile_teacher=cfg.compile_teacher, cuda_graphs=graphed)
     bar = tqdm(total=cfg.steps, initial=step0, desc="distill", disable=not progress, unit="step")
     t_last, tokens = time.perf_counter(), 0
-    t_ckpt = t_last
+    t_ckpt = t_start = t_last
     prof_first = min(step0 + (5 if step0 else 20), cfg.steps) if cfg.profile_steps else cfg.steps
     prof_last = min(prof_first + cfg.profile_steps, cfg.steps)
     prof = None
@@ -106,6 +110,10 @@ def train_end_to_end(
                 record["dad_weight_quantiles"] = torch.quantile(
                     w.flatten().float().cpu(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
             t_last, tokens = now, 0
+        if step == step0:  # the compile (and graph recording) is paid here
+            record["first_step_seconds"] = now - t_start
+            if cfg.compile and cfg.compile_cache:
+                record["compile_cache_saved"] = save_compile_cache(cfg.compile_cache)
         metrics.log(**record)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}))

@@ -93,6 +93,10 @@ class DistillConfig:
         cuda_graphs: with ``compile`` on CUDA, run the compiled teacher and student under CUDA
             graphs (Inductor's ``"reduce-overhead"``): the step was bound by its ~1,300 kernel
             launches (docs/results.md 3.0e). No effect on CPU.
+        compile_cache: with ``compile``, a file holding Inductor's compiled code for the step
+            (:mod:`dbllm_compile.distill.compile_cache`): loaded before the step is compiled when
+            it exists, written after the first step. Carry it to a fresh machine to skip Inductor's
+            part of the compile there. ``""`` (default): none.
     """
 
     steps: int = 100
@@ -121,6 +125,7 @@ class DistillConfig:
     compile: bool = False
     compile_teacher: bool = True
     cuda_graphs: bool = True
+    compile_cache: str = ""
 
     def __post_init__(self) -> None:
         for name in ("steps", "block_steps", "block_sequences", "profile_steps"):
@@ -139,6 +144,11 @@ class DistillConfig:
             raise ConfigError(f"DistillConfig.block_loss must be 'global', 'token' or 'channel', got {self.block_loss!r}")
         if self.block_offload not in ("auto", "cpu", "none"):
             raise ConfigError(f"DistillConfig.block_offload must be 'auto', 'cpu' or 'none', got {self.block_offload!r}")
+        if not isinstance(self.compile_cache, str):
+            raise ConfigError(f"DistillConfig.compile_cache must be a file path (str), got {self.compile_cache!r}")
+        if self.compile_cache and not self.compile:
+            raise ConfigError("DistillConfig.compile_cache caches the compiled step: set compile=True with it "
+                              "(on the CLI: --compile, the default with --device cuda)")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ConfigError(f"DistillConfig.autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
 
