@@ -8,7 +8,8 @@
 - :mod:`~dbllm_compile.distill.train`: :class:`DistillConfig` and what the stages share.
 - :mod:`~dbllm_compile.distill.block_stage`: the block-wise stage (resumable).
 - :mod:`~dbllm_compile.distill.end_to_end`: the end-to-end stage (resumable); its step
-  (eager, compiled, CUDA graphs) in :mod:`~dbllm_compile.distill.step`.
+  (eager, compiled, CUDA graphs) in :mod:`~dbllm_compile.distill.step`, the portable cache of its
+  compiled code in :mod:`~dbllm_compile.distill.compile_cache`.
 - :mod:`~dbllm_compile.distill.pipeline`: :func:`distill`, both stages in one call; :func:`distill_w2a4`, the three stages of W(1+1)A4.
 """
 
