@@ -29,6 +29,7 @@ as constants of the graph) and lint the graph.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -146,8 +147,6 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, opts: CompileOption
     """
     frozen = normalize_dynamo_graph(gm, example_inputs)
     try:
-        import dataclasses
-
         config = dataclasses.replace(opts.db_config(), rotation_block=_artifact_rotation(opts))
         report, selected = select_linears(gm, config)
         artifact = load_artifact_layers(opts.artifact) if opts.artifact else {}
