@@ -250,6 +250,41 @@ def test_teacher_fingerprint_sees_weights_and_config(tiny_llama):
     assert teacher_fingerprint(tiny_llama) != changed
 
 
+def test_teacher_fingerprint_sees_a_swap_and_ignores_buffers_derived_from_the_config(tiny_llama):
+    base = teacher_fingerprint(tiny_llama)
+    rotary = tiny_llama.model.rotary_emb
+    assert "inv_freq" in dict(rotary.named_buffers()) and "inv_freq" not in rotary.state_dict()
+    with torch.no_grad():
+        rotary.inv_freq.mul_(1 + 2**-20)  # a device's own rounding of a derived buffer
+    assert teacher_fingerprint(tiny_llama) == base
+    w = tiny_llama.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        w[0, :2] = w[0, :2].flip(0).clone()  # same values, same sum: only the positions differ
+    assert teacher_fingerprint(tiny_llama) != base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int8, torch.bool])
+def test_bit_checksums_are_the_exact_integer_sums_across_chunks(monkeypatch, dtype):
+    import dbllm_compile.distill.calibration.cache as cache
+
+    monkeypatch.setattr(cache, "_CHECKSUM_CHUNK", 7)      # many chunks ...
+    monkeypatch.setattr(cache, "_CHECKSUM_MODULUS", 5)    # ... starting at every position weight
+    torch.manual_seed(0)
+    x = (torch.randn(53) * 50).to(dtype)
+    if x.element_size() == 1:
+        words = x.to(torch.uint8).tolist() if dtype == torch.bool else x.view(torch.uint8).tolist()
+    else:
+        words = [v + 32768 for v in x.view(torch.int16).tolist()]
+    expect = (sum(words), sum(v * (i % 5 + 1) for i, v in enumerate(words)))
+    assert cache._bit_checksums(x) == expect
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teacher_fingerprint_is_the_same_on_cpu_and_cuda(tiny_llama):
+    on_cpu = teacher_fingerprint(tiny_llama)
+    assert teacher_fingerprint(tiny_llama.cuda()) == on_cpu
+
+
 @pytest.mark.parametrize(
     "corruption", ["garbage", "truncated", "wrong_shape"], ids=["garbage", "truncated", "wrong_shape"]
 )

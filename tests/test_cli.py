@@ -192,3 +192,28 @@ def test_default_rotation_block_fits_the_model_and_is_off_without_distillation()
     assert _fit_rotation_block(cfg, odd, quiet).rotation_block == 0  # 100 = 4 * 25: below 8, none
     assert _fit_rotation_block(cfg, torch.nn.Linear(576, 8), quiet).rotation_block == 64
 
+
+
+def test_calibration_only_fills_the_cache_that_the_full_run_reads(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DBLLM_CACHE", str(tmp_path / "cache"))
+    directory, _, _ = tiny_hf_dir
+    data_args = ["--tokens", "256", "--calib-seq-len", "32", "--gen-batch-size", "4"]
+    rc = main(["quantize", "--model", str(directory), "--calibration-only", "--json", *data_args])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    first = json.loads(stdout[stdout.index("{\n"):])
+    assert first["from_cache"] is False and first["tokens"] == 256
+    assert os.path.dirname(first["cache_path"]) == str(tmp_path / "cache" / "calibration")
+    assert not (tmp_path / "o").exists()  # stopped before quantizing: no artifact
+    rc = main(["quantize", "--model", str(directory), "--no-default-text", "--out", str(tmp_path / "o"), "--json",
+               "--steps", "1", "--block-steps", "1", *data_args])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    results = json.loads(stdout[stdout.index("{\n"):])
+    assert results["calibration"]["from_cache"] is True and results["calibration"]["tokens"] == 256
+
+
+def test_calibration_only_needs_distillation(capsys):
+    rc = main(["quantize", "--model", "no-such-model", "--calibration-only", "--no-distill"])
+    assert rc == 2
+    assert "drop --no-distill" in capsys.readouterr().err

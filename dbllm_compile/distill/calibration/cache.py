@@ -32,15 +32,21 @@ class CalibrationCacheWarning(UserWarning):
 
 
 def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """A cheap fingerprint of a model: its config and a summary of every parameter and buffer.
+    """A cheap fingerprint of a model: its config and an exact checksum of its state.
 
     The config is ``config.to_json_string(use_diff=False)`` without ``transformers_version`` and
-    ``_name_or_path`` (so a library upgrade or a moved checkpoint keeps the key). Each tensor
-    contributes its name, shape, dtype, float64 sum and L2 norm (12 significant digits, so the
-    order of the reduction on different devices does not matter) and the exact values of 16
-    elements at evenly spaced flat positions. Any realistic change of the weights (training,
-    another checkpoint, another dtype) changes the fingerprint; it is not a cryptographic hash
-    of every byte.
+    ``_name_or_path`` (so a library upgrade or a moved checkpoint keeps the key). The state is the
+    parameters and *persistent* buffers (what ``state_dict`` saves; buffers derived from the config,
+    such as rotary ``inv_freq``, are left out: the device that computes them rounds them its own
+    way). Each tensor contributes its name, shape and dtype, two integer checksums of its raw bits
+    (:func:`_bit_checksums`) and the exact values of 16 elements at evenly spaced flat positions.
+
+    Every number is exact and independent of the order of reduction, so the same weights give the
+    same fingerprint on a CPU and on a GPU, with any thread count. (Float64 sums rounded to 12
+    digits, the first version, were not: a weight matrix's sum cancels to a small number whose
+    last digits depend on the summation order, and the GPU run of results.md 3.0h got another key
+    than the CPU for the same file.) Any change of the weights changes the fingerprint in
+    practice; it is not a cryptographic hash of every byte.
 
     Returns:
         a 64-character hex SHA-256.
@@ -63,26 +69,61 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
         for name, tensor in _named_tensors(teacher):
             flat = tensor.detach().reshape(-1)
             line = f"{name}|{tuple(tensor.shape)}|{tensor.dtype}"
-            if flat.numel() and (flat.is_floating_point() or flat.is_complex()):
-                as_f64 = flat.to(torch.float64) if not flat.is_complex() else flat.abs().to(torch.float64)
-                total = float(as_f64.sum())
-                norm = float(torch.linalg.vector_norm(as_f64))
-                # Integer spacing: a float32 linspace rounds past the end on tensors of > 2^24 elements.
-                steps = max(1, _SAMPLED_ELEMENTS_PER_TENSOR - 1)
-                index = torch.arange(_SAMPLED_ELEMENTS_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // steps
-                sampled = as_f64[index].tolist()
-                line += f"|{total:.12e}|{norm:.12e}|" + ",".join(repr(v) for v in sampled)
-            elif flat.numel():
-                line += "|" + hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
+            if flat.numel():
+                plain, weighted = _bit_checksums(flat)
+                line += f"|{plain}|{weighted}"
+                if flat.is_floating_point() or flat.is_complex():
+                    as_f64 = flat.to(torch.float64) if not flat.is_complex() else flat.abs().to(torch.float64)
+                    # Integer spacing: a float32 linspace rounds past the end on tensors of > 2^24 elements.
+                    steps = max(1, _SAMPLED_ELEMENTS_PER_TENSOR - 1)
+                    index = torch.arange(_SAMPLED_ELEMENTS_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // steps
+                    line += "|" + ",".join(repr(v) for v in as_f64[index].tolist())
             digest.update(line.encode() + b"\n")
     return digest.hexdigest()
 
 
+_CHECKSUM_CHUNK = 1 << 22
+_CHECKSUM_MODULUS = 65521  # position weights 1..65521: with 16-bit words every product is < 2^32
+
+
+def _bit_checksums(flat: torch.Tensor) -> tuple[int, int]:
+    """``(sum of w, sum of w * (i mod 65521 + 1))`` over the tensor's raw bits as unsigned 16-bit
+    words ``w`` at word positions ``i`` (bytes for 1-byte dtypes), in exact integer arithmetic.
+
+    Chunks of 2^22 words keep every int64 partial sum below 2^54, and the chunks are added as Python
+    integers, so the result does not depend on the device or the order of reduction. The
+    position-weighted sum sees two elements swapped, which the plain sum does not.
+
+    Example:
+        >>> _bit_checksums(torch.tensor([1, 2], dtype=torch.uint8))
+        (3, 5)
+    """
+    raw = flat.contiguous()
+    if raw.is_complex():
+        raw = torch.view_as_real(raw).reshape(-1)
+    if raw.dtype == torch.bool:
+        raw = raw.to(torch.uint8)
+    if raw.element_size() == 1:
+        words, offset = raw.view(torch.uint8), 0
+    else:
+        words, offset = raw.view(torch.int16), 1 << 15
+    # Position weights of a chunk starting at word s: table[s % modulus:][:chunk length].
+    table = torch.arange(min(words.numel(), _CHECKSUM_CHUNK) + _CHECKSUM_MODULUS, device=words.device, dtype=torch.int64)
+    table = table.remainder_(_CHECKSUM_MODULUS).add_(1)
+    plain = weighted = 0
+    for start in range(0, words.numel(), _CHECKSUM_CHUNK):
+        chunk = words[start:start + _CHECKSUM_CHUNK].to(torch.int64).add_(offset)
+        at = start % _CHECKSUM_MODULUS
+        plain += int(chunk.sum())
+        weighted += int(chunk.mul_(table[at:at + chunk.numel()]).sum())
+    return plain, weighted
+
+
 def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Parameters and buffers by name; tied tensors once."""
+    """Parameters and persistent buffers by name (``state_dict``'s set); tied tensors once."""
     seen: set[int] = set()
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if id(tensor) in seen:
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:
             continue
         seen.add(id(tensor))
         yield name, tensor
