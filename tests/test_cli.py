@@ -197,7 +197,7 @@ def test_default_rotation_block_fits_the_model_and_is_off_without_distillation()
 def test_calibration_only_fills_the_cache_that_the_full_run_reads(tiny_hf_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DBLLM_CACHE", str(tmp_path / "cache"))
     directory, _, _ = tiny_hf_dir
-    data_args = ["--tokens", "256", "--calib-seq-len", "32", "--gen-batch-size", "4"]
+    data_args = ["--tokens", "256", "--calib-seq-len", "32", "--gen-batch-size", "4", "--device", "cpu"]
     rc = main(["quantize", "--model", str(directory), "--calibration-only", "--json", *data_args])
     assert rc == 0
     stdout = capsys.readouterr().out
