@@ -10,6 +10,9 @@ parser's default) and ``run(args) -> int``:
   with a static KV cache.
 - ``bench`` (:mod:`dbllm_compile.cli.bench`): prefill/decode tokens/s and peak memory, 2-bit vs
   the model dtype through plain ``torch.compile``, same run.
+
+Beside them, :mod:`dbllm_compile.cli.budgets` holds the main job's distillation budgets
+(``--budget cpu|gpu``) and its calibration-text step (``--calibration-only``).
 """
 
 from __future__ import annotations
