@@ -217,3 +217,15 @@ def test_calibration_only_needs_distillation(capsys):
     rc = main(["quantize", "--model", "no-such-model", "--calibration-only", "--no-distill"])
     assert rc == 2
     assert "drop --no-distill" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_distillation_of_a_few_tokens_on_cuda(tiny_hf_dir, tmp_path, capsys):
+    """Regression (H100, torch 2.11, Triton 3.6): with few tokens per step the DAD loss's sum of a
+    tensor of ones became a persistent-reduction kernel that Triton failed to compile
+    (``PassManager::run failed``; results.md 3.0h). The loss now counts tokens as a number."""
+    directory, _, _ = tiny_hf_dir
+    rc = main(["quantize", "--model", str(directory), "--no-default-text", "--out", str(tmp_path / "o"),
+               "--steps", "2", "--block-steps", "1", "--tokens", "256", "--calib-seq-len", "32",
+               "--gen-batch-size", "4", "--device", "cuda", "--compile"])
+    assert rc == 0

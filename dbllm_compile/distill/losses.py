@@ -89,9 +89,15 @@ def dad_weights(
         ht = _entropy(F.log_softmax(teacher_logits.float(), -1)) / math.log(v)
         hs = _entropy(F.log_softmax(student_logits.detach().float(), -1)) / math.log(v)
         a = (ht + (hs - ht).abs()).clamp_min(0) ** gamma
-        m = torch.ones_like(a) if mask is None else mask.to(a.dtype)
-        a = a * m
-        mean = a.sum() / m.sum().clamp_min(1)
+        if mask is None:
+            # The token count as a number, not the sum of a tensor of ones: Triton 3.6 crashed on
+            # Inductor's fused kernel of that sum (PassManager failure, results.md 3.0h).
+            m = torch.ones_like(a)
+            mean = a.sum() / max(a.numel(), 1)
+        else:
+            m = mask.to(a.dtype)
+            a = a * m
+            mean = a.sum() / m.sum().clamp_min(1)
         return torch.where(mean > 0, a / mean.clamp_min(1e-12), m)
 
 
@@ -120,15 +126,21 @@ def distill_loss(
     v = student_logits.shape[-1]
     s = student_logits.reshape(-1, v).float() / spec.temperature
     t = teacher_logits.reshape(-1, v).float().detach() / spec.temperature
-    m = torch.ones(s.shape[0], device=s.device) if mask is None else mask.reshape(-1).to(s.device, torch.float32)
-    denom = m.sum().clamp_min(1)
+    if mask is None:  # no tensor of ones to sum: see dad_weights
+        m, denom = None, max(s.shape[0], 1)
+    else:
+        m = mask.reshape(-1).to(s.device, torch.float32)
+        denom = m.sum().clamp_min(1)
+
+    def mean(per_token: torch.Tensor) -> torch.Tensor:
+        return (per_token if m is None else per_token * m).sum() / denom
+
     if spec.kind == "ce":
-        per_token = F.cross_entropy(s, t.argmax(-1), reduction="none")
-        return (per_token * m).sum() / denom
+        return mean(F.cross_entropy(s, t.argmax(-1), reduction="none"))
     logq = F.log_softmax(s, -1)
     logp = F.log_softmax(t, -1)
     per_token = (logp.exp() * (logp - logq)).sum(-1)  # KL(p || q) per token
     if spec.kind == "kl":
-        return (per_token * m).sum() / denom
+        return mean(per_token)
     w = dad_weights(t, s, gamma=spec.gamma, mask=m)
-    return (((1 - spec.lam) + spec.lam * w) * per_token * m).sum() / denom
+    return mean(((1 - spec.lam) + spec.lam * w) * per_token)
