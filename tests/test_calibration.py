@@ -220,7 +220,7 @@ def test_cache_invalidated_when_spec_changes(tiny_llama, tmp_path):
     "change",
     [
         {"num_sequences": 5}, {"seq_len": 9}, {"greedy_steps": 3}, {"temperature": 0.9},
-        {"top_p": 0.95}, {"batch_size": 5}, {"seed": 1}, {"first_token_range": (0, 64)},
+        {"top_p": 0.95}, {"seed": 1}, {"first_token_range": (0, 64)},
     ],
     ids=lambda c: next(iter(c)),
 )
@@ -229,6 +229,18 @@ def test_cache_key_covers_every_spec_field(change):
     base = calibration_cache_key("teacher", SMALL, candidates)
     assert calibration_cache_key("teacher", SMALL, candidates) == base
     assert calibration_cache_key("teacher", dataclasses.replace(SMALL, **change), candidates) != base
+
+
+def test_cache_key_leaves_out_the_generation_batch(tiny_llama, tmp_path):
+    """The batch splits the work only (the data are the same, test above), and its CLI default
+    follows the free GPU memory: another batch must find the same file."""
+    candidates = torch.arange(128)
+    assert calibration_cache_key("t", dataclasses.replace(SMALL, batch_size=1), candidates) == \
+        calibration_cache_key("t", SMALL, candidates)
+    first = generate_calibration(tiny_llama, SMALL, cache_dir=tmp_path, progress=False)
+    again = generate_calibration(tiny_llama, dataclasses.replace(SMALL, batch_size=3), cache_dir=tmp_path,
+                                 progress=False)
+    assert again.from_cache and torch.equal(again.input_ids, first.input_ids)
 
 
 def test_cache_key_covers_teacher_and_first_tokens():

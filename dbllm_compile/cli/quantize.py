@@ -79,8 +79,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "is large")
     d.add_argument("--calibration-only", action="store_true",
                    help="load the model, generate the calibration text into the on-disk cache (or find it there) "
-                        "and stop: a later run with the same model, budget, --tokens, --calib-seq-len, "
-                        "--gen-batch-size and --seed reads it instead of generating (e.g. on another machine "
+                        "and stop: a later run with the same model, budget, --tokens, --calib-seq-len "
+                        "and --seed reads it (any --gen-batch-size) instead of generating (e.g. on another machine "
                         "of the same kind, with $DBLLM_CACHE pointing to a copy of the cache)")
     d.add_argument("--batch-size", type=int, default=None, help="sequences per training step")
     d.add_argument("--loss", choices=["dad", "kl", "ce"], default="dad", help="end-to-end loss (default dad)")

@@ -16,7 +16,8 @@ the teacher's own forward pass.
 
 Generated data is cached on disk as ``<key>.safetensors`` (one int64 tensor ``input_ids``; the
 description in the safetensors metadata as JSON), with ``key`` the SHA-256 of a canonical JSON of
-the teacher's fingerprint, every :class:`CalibrationSpec` field, the set of allowed first tokens
+the teacher's fingerprint, every :class:`CalibrationSpec` field but ``batch_size`` (which splits
+the work and does not change the data), the set of allowed first tokens
 and :data:`CALIBRATION_FORMAT_VERSION`. Changing the teacher's weights or any setting therefore
 gives a new entry; a file that cannot be read back is reported (:class:`CalibrationCacheWarning`)
 and regenerated. Files are written to a temporary name in the same directory and moved into place

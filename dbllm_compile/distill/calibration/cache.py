@@ -20,6 +20,7 @@ CALIBRATION_FORMAT_VERSION = 1
 
 _METADATA_KEY = "dbllm_calibration"
 _SAMPLED_ELEMENTS_PER_TENSOR = 16
+_EXECUTION_FIELDS = ("batch_size",)  # CalibrationSpec fields that change how, not what (not in the key)
 
 
 class CalibrationCacheWarning(UserWarning):
@@ -130,8 +131,12 @@ def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 
 def calibration_cache_key(teacher_key: str, spec: CalibrationSpec, candidates: torch.Tensor) -> str:
-    """SHA-256 of a canonical JSON of the teacher key, every spec field, the first-token
-    candidate set and :data:`CALIBRATION_FORMAT_VERSION`.
+    """SHA-256 of a canonical JSON of the teacher key, every spec field but ``batch_size``, the
+    first-token candidate set and :data:`CALIBRATION_FORMAT_VERSION`.
+
+    ``batch_size`` is how the work is split, not what is generated (all randomness is drawn up
+    front per sequence and position), like the device and the KV cache: leaving it out lets a run
+    whose default batch differs (it follows the free GPU memory) find the same file.
 
     Example:
         >>> c = torch.arange(10)
@@ -143,7 +148,7 @@ def calibration_cache_key(teacher_key: str, spec: CalibrationSpec, candidates: t
     payload = {
         "format_version": CALIBRATION_FORMAT_VERSION,
         "teacher_key": teacher_key,
-        "spec": spec.to_dict(),
+        "spec": {k: v for k, v in spec.to_dict().items() if k not in _EXECUTION_FIELDS},
         "first_tokens_sha256": hashlib.sha256(
             json.dumps(candidates.tolist(), separators=(",", ":")).encode()
         ).hexdigest(),

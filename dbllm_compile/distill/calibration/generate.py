@@ -255,7 +255,8 @@ def generate_calibration(
         cache: read and write the on-disk cache; ``False`` always generates and writes nothing.
         kv_cache: feed one token per step with the teacher's KV cache (``True``), or re-run the
             whole prefix every step (``False``: slow, for models without a cache). Not part of
-            the cache key, like ``device``: both give the same data up to rounding.
+            the cache key, like ``device`` and ``spec.batch_size``: all give the same data up to
+            rounding.
 
     Returns:
         :class:`CalibrationData` with ``source="generated"``.
