@@ -14,7 +14,10 @@
 # 2026-11-25): 57.3 (full precision 28.74; the bar of issue 3 is 57.5) in 1,350 s with the text
 # in the cache plus 383 s to generate it (58.7 with half the text, 3.0g). The run directory
 # OUT_DIR-run/ holds the checkpoint: running the same command again after a kill or a timeout
-# resumes where it stopped.
+# resumes where it stopped. On a machine lent for less than the ~30 min of the whole recipe, run it
+# first with --calibration-only (the text goes to the cache and the job stops), carry the cache
+# directory to the next machine and point $DBLLM_CACHE at it, then run it without the flag
+# (docs/results.md 3.0h ran that way).
 set -euo pipefail
 model=$1; text=$2; out=$3; shift 3
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
