@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lzma
 import os
 import subprocess
 import sys
@@ -46,8 +47,13 @@ def test_a_fresh_cache_directory_hits_after_loading_the_file(tmp_path):
     path = tmp_path / "step.compile-cache"
     out = _child("save", path, tmp_path / "inductor_a")
     assert "saved {'inductor': 1" in out and "hits 0 misses 1" in out, out
-    assert path.stat().st_size > 0
+    stored = path.read_bytes()
+    assert stored.startswith(b"\xfd7zXZ\x00")  # xz-compressed
     assert "hits 1 misses 0" in _child("load", path, tmp_path / "inductor_b")
+    legacy = tmp_path / "legacy.compile-cache"  # as written before compression: still loads
+    legacy.write_bytes(lzma.decompress(stored))
+    assert len(legacy.read_bytes()) > len(stored)
+    assert "hits 1 misses 0" in _child("load", legacy, tmp_path / "inductor_c")
 
 
 def test_missing_and_unusable_files_never_stop_a_run(tmp_path):
