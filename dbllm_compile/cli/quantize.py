@@ -14,8 +14,6 @@ from typing import Any
 
 from .budgets import BUDGETS, calibration_data, calibration_only, resolve_budget
 
-_calibration = calibration_data  # the name of the calibration step before 2026-11-25 (results.md 3.0h's gencal.py)
-
 __all__ = ["BUDGETS", "DEFAULT_ACT_GROUP_SIZE", "DEFAULT_ROTATION_BLOCK", "add_parser", "run"]
 
 DEFAULT_ROTATION_BLOCK = 64

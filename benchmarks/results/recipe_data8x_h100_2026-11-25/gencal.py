@@ -3,7 +3,9 @@ import sys, time, types
 import torch
 from rich.console import Console
 from dbllm_compile.models import load_model
-from dbllm_compile.cli.quantize import BUDGETS, _calibration
+# As run (commit a396940): from dbllm_compile.cli.quantize import BUDGETS, _calibration
+# The function has since moved; the same call today (or: dbllm-compile quantize ... --calibration-only):
+from dbllm_compile.cli.budgets import BUDGETS, calibration_data as _calibration
 
 path, tokens, gen_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 device = sys.argv[4] if len(sys.argv) > 4 else "cuda"
