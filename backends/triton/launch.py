@@ -8,6 +8,7 @@ split-K launch, all with ``torch.empty``), so they are safe inside CUDA graph ca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -60,8 +61,8 @@ class KernelConfig:
     split_k: int = 1
 
     def __post_init__(self):
-        if self.kind not in ("fused", "dequant", "gemv"):
-            raise ValueError(f"kernel config {self.short()}: kind must be 'fused', 'dequant' or 'gemv', "
+        if self.kind not in ("fused", "dequant", "gemv", "gemvc"):
+            raise ValueError(f"kernel config {self.short()}: kind must be 'fused', 'dequant', 'gemv' or 'gemvc', "
                              f"got {self.kind!r}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"kernel config {self.short()}: split_k must be an int >= 1 (1 = no split), "
@@ -86,8 +87,8 @@ class KernelConfig:
             chunk = f"c{self.chunk_n}" if self.chunk_n else ""
             return f"dequant{self.block_n}x{self.block_k}w{self.num_warps}{chunk}+cublas"
         split = f"sk{self.split_k}" if self.split_k != 1 else ""
-        if self.kind == "gemv":
-            return f"gemv{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}" + split
+        if self.kind in ("gemv", "gemvc"):
+            return f"{self.kind}{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}" + split
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_tiles}"
                 f"w{self.num_warps}s{self.num_stages}" + ("x" if self.swap else "") + split)
 
@@ -101,8 +102,8 @@ class KernelConfig:
                                 swap=bool(swap), num_warps=int(w), num_stages=int(st), split_k=int(sk or 1))
         m = _GEMV_NAME.fullmatch(name)
         if m:
-            bn, bk, w, st, sk = m.groups()
-            return KernelConfig(kind="gemv", block_n=int(bn), block_k=int(bk), num_warps=int(w),
+            kind, bn, bk, w, st, sk = m.groups()
+            return KernelConfig(kind=kind, block_n=int(bn), block_k=int(bk), num_warps=int(w),
                                 num_stages=int(st), split_k=int(sk or 1))
         m = _DEQUANT_NAME.fullmatch(name)
         if m:
@@ -114,7 +115,7 @@ class KernelConfig:
 
 
 _FUSED_NAME = re.compile(r"m(\d+)n(\d+)k(\d+)g(\d+)w(\d+)s(\d+)(x?)(?:sk(\d+))?")
-_GEMV_NAME = re.compile(r"gemv(\d+)x(\d+)w(\d+)s(\d+)(?:sk(\d+))?")
+_GEMV_NAME = re.compile(r"(gemvc?)(\d+)x(\d+)w(\d+)s(\d+)(?:sk(\d+))?")
 _DEQUANT_NAME = re.compile(r"dequant(\d+)x(\d+)w(\d+)(?:c(\d+))?\+cublas")
 
 
@@ -124,7 +125,7 @@ def config_fits(cfg: KernelConfig, group_size: int) -> bool:
     (:func:`launch_gemv` checks)."""
     if cfg.block_k % group_size:
         return False
-    if cfg.kind == "gemv" and cfg.block_k % K_ALIGN == 0:
+    if cfg.kind in ("gemv", "gemvc") and cfg.block_k % K_ALIGN == 0:
         return cfg.block_k & (cfg.block_k - 1) == 0
     return K_ALIGN % cfg.block_k == 0
 
@@ -226,7 +227,7 @@ def gemv_applies(x2: torch.Tensor) -> bool:
 
 def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg: KernelConfig,
                 wrap: bool = False, out: torch.Tensor | None = None, glu: bool = False,
-                pdl: bool | None = None) -> torch.Tensor:
+                pdl: bool | None = None, variant: dict | None = None) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with :func:`~.gemv.db_gemv_kernel` (one grid row per row of x).
 
     Activations the kernel cannot read (:func:`gemv_applies`: bf16, odd K, unaligned rows) run
@@ -246,11 +247,15 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     from .tuning import default_config
 
     _check_x(x2, gw)
-    if cfg.kind != "gemv":
+    if cfg.kind not in ("gemv", "gemvc"):
         raise ValueError(f"db_linear (triton): launch_gemv runs gemv configs, got {cfg.short()}; use run_config")
     check_config(cfg, gw.group_size)
     m, k = x2.shape
     n = gw.out_features
+    if cfg.kind == "gemvc" and chunk_loads_apply(x2.view(torch.int32) if gemv_applies(x2) else None, k):
+        return _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, **(variant or {}))
+    if cfg.kind == "gemvc":  # x its asm loads cannot read: the word gemv, in tiles it takes for any K
+        cfg = dataclasses.replace(cfg, kind="gemv", block_k=min(cfg.block_k, K_ALIGN))
     if cfg.block_k > K_ALIGN and k % cfg.block_k:  # a partial tile that wide would read past the layout's padding
         raise ValueError(f"db_linear (triton): config {cfg.short()} needs K to be a multiple of {cfg.block_k}, "
                          f"got K={k}; use a block_k of at most {K_ALIGN}")
@@ -284,11 +289,51 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     return out
 
 
+def chunk_loads_apply(xp: torch.Tensor | None, k: int) -> bool:
+    """Whether the chunk gemv (:mod:`.gemv_chunk`) runs on these fp16 pairs ``xp`` (``None``: x the
+    gemv cannot read): its asm loads need K a multiple of 16 and 16-byte aligned rows (as the
+    word gemv's ``LOADS=2``); the interpreter runs its plain-load path. Otherwise the word gemv runs."""
+    if xp is None or k % 16:
+        return False
+    if interpreted():
+        return True
+    return xp.storage_offset() % 4 == 0 and (xp.shape[0] == 1 or xp.stride(0) % 4 == 0)
+
+
+def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, sum16: int = 1, prefetch_x: bool = True):
+    """:func:`launch_gemv` with :func:`~.gemv_chunk.db_gemv_chunk_kernel` (``cfg.kind == "gemvc"``)."""
+    from .gemv_chunk import db_gemv_chunk_kernel
+    from .splitk import launch_reduce
+
+    m, k = x2.shape
+    n = gw.out_features
+    out = _output(x2, n // 2 if glu else n, out)
+    if m == 0:
+        return out
+    bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
+    if m == 1 and x2.stride(0) % 2:
+        x2 = x2.as_strided((1, k), (k, 1))
+    xp = x2.view(torch.int32)
+    programs = triton_cdiv(n // 2, cfg.block_n // 2) if glu else triton_cdiv(n, cfg.block_n)
+    _kernel(db_gemv_chunk_kernel, wrap)[(programs, splits, m)](
+        xp, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
+        m, n, k, per_split if splits > 1 else 1,
+        xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
+        GROUP=gw.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=(k % cfg.block_k == 0),
+        HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
+        SPLIT_K=1 if splits == 1 else cfg.split_k, GLU=glu, SUM16=sum16, PREFETCH_X=prefetch_x,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        launch_reduce(dst, bias, out, wrap)
+    return out
+
+
 def glu_gemv_applies(x2: torch.Tensor, gw: GpuWeights, cfg: KernelConfig) -> bool:
     """Whether :func:`launch_gemv` with ``glu=True`` runs ``cfg`` on ``x2``: a gemv configuration
     without split-K, at least two rows per program, an even number of weight rows, and ``x2``
     readable by the gemv (:func:`gemv_applies`)."""
-    return (cfg.kind == "gemv" and cfg.split_k == 1 and cfg.block_n >= 2 and gw.out_features % 2 == 0
+    return (cfg.kind in ("gemv", "gemvc") and cfg.split_k == 1 and cfg.block_n >= 2 and gw.out_features % 2 == 0
             and gemv_applies(x2))
 
 
@@ -362,7 +407,7 @@ def run_config(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg:
             else:
                 torch.addmm(b[r0:r1], x2, w.t(), out=out[:, r0:r1])
         return out
-    if cfg.kind == "gemv":
+    if cfg.kind in ("gemv", "gemvc"):
         return launch_gemv(x2, gw, bias, cfg, wrap)
     return launch_matmul(x2, gw, bias, cfg, wrap)
 
