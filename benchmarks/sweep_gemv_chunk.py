@@ -12,7 +12,6 @@ max error in ulps of max|y|). Writes ``DIR/sweep_gemv_chunk.json`` after each sh
 import argparse
 import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
