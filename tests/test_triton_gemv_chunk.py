@@ -106,3 +106,33 @@ def test_chunk_gemv_names_parse():
     assert cfg.short() == "gemvc8x2048w2s3sk4" and KernelConfig.parse(cfg.short()) == cfg
     assert KernelConfig.parse("gemv8x1024w1s3").kind == "gemv"
     assert launch.config_fits(C(4, 2048), 64) and launch.config_fits(C(4, 1024), 16)
+
+
+def test_chunk_gemv_is_a_batch_1_candidate_unless_switched_off(monkeypatch):
+    from dbllm_compile.backends.triton import splitk, tuning
+
+    names = lambda: {c.short() for c in tuning.candidates(1, 4096, 4096, 64, sms=132,  # noqa: E731
+                                                          dtype=torch.float16) if c.kind == "gemvc"}
+    assert len(names()) == len(tuning._GEMVC) * len(tuning._GEMV_SPLITS) - 4  # 2048-wide: 2 tiles, no split 4
+    assert "gemvc8x2048w1s3sk2" in names() and "gemvc16x1024w1s3sk4" in names()
+    for c in tuning.candidates(1, 576, 576, 64, sms=132, dtype=torch.float16):
+        if c.kind == "gemvc":
+            assert c.split_k == 1 and splitk.split_plan(576, c.block_k, 1)[1] == 1
+    assert not any(c.kind == "gemvc" for c in tuning.candidates(16, 4096, 4096, 64, sms=132))
+    assert not any(c.kind == "gemvc" for c in tuning.candidates(1, 4096, 4096, 64, sms=132, dtype=torch.bfloat16))
+    monkeypatch.setenv("DBLLM_TRITON_GEMVC", "0")
+    assert not names()
+    # a tie within the margin goes to the gemv kinds (fewer launches first)
+    cands = [C(8, 2048), KernelConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)]
+    assert tuning.pick(cands, {cands[0].short(): 1.02, cands[1].short(): 1.0}) == cands[0]
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (programmatic dependent launch)")
+def test_chunk_gemv_with_pdl_equals_the_plain_launch():
+    n, k, g = 4096, 4096, 64
+    packed, a1, a2, bias, _ = make_layer(n, k, g, seed=4)
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(4)).half().to(DEVICE)
+    for cfg, glu in ((C(8, 2048), False), (C(16, 1024, 1, 2), False), (C(8, 2048), True)):
+        plain = launch.launch_gemv(x, gw, None if glu else bias, cfg, glu=glu, pdl=False)
+        assert torch.equal(plain, launch.launch_gemv(x, gw, None if glu else bias, cfg, glu=glu, pdl=True))

@@ -105,26 +105,40 @@ def _ld_words(addr, WPC: tl.constexpr):
 
 
 @triton.jit
-def _ld_x_word(addr, J: tl.constexpr):
-    """The eight fp16 pairs of word ``J`` of the chunk whose x starts at each 16-byte aligned ``addr``."""
-    if J == 0:
-        s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];"
-    elif J == 1:
-        s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+32]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+48];"
-    elif J == 2:
-        s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+64]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+80];"
+def _ld_x_word(addr, J: tl.constexpr, COHERENT: tl.constexpr):
+    """The eight fp16 pairs of word ``J`` of the chunk whose x starts at each 16-byte aligned ``addr``.
+
+    ``COHERENT`` (PDL): plain ``ld.global``, which ptxas keeps after ``griddepcontrol.wait``
+    (``ld.global.nc`` may move above it, before x is written; as in :mod:`.gemv`).
+    """
+    if COHERENT:
+        if J == 0:
+            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+16];"
+        elif J == 1:
+            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8+32]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+48];"
+        elif J == 2:
+            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8+64]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+80];"
+        else:
+            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8+96]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+112];"
     else:
-        s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+96]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+112];"
+        if J == 0:
+            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];"
+        elif J == 1:
+            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+32]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+48];"
+        elif J == 2:
+            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+64]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+80];"
+        else:
+            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+96]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+112];"
     return tl.inline_asm_elementwise(s, "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr], dtype=(tl.int32,) * 8, is_pure=True,
                                      pack=1)
 
 
 @triton.jit
-def _x_word(x_ptrs, J: tl.constexpr, real, MASKED: tl.constexpr, USE_ASM: tl.constexpr):
+def _x_word(x_ptrs, J: tl.constexpr, real, MASKED: tl.constexpr, USE_ASM: tl.constexpr, COHERENT: tl.constexpr):
     """Word ``J``'s eight x pairs (``int32``); with ``MASKED``, zero where ``real`` is false (asm:
     ``x_ptrs`` already points at a readable chunk there)."""
     if USE_ASM:
-        x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_word(x_ptrs.to(tl.int64, bitcast=True), J)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_word(x_ptrs.to(tl.int64, bitcast=True), J, COHERENT)
     else:
         p = x_ptrs + J * 8
         x0 = tl.load(p, mask=real, other=0)
@@ -207,7 +221,7 @@ def _load_weights(qw_ptrs, sc_ptrs, ok, WPC: tl.constexpr, USE_ASM: tl.constexpr
 
 @triton.jit
 def _load_x(x_base, word0, t, k_words, WPC: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-            USE_ASM: tl.constexpr):
+            USE_ASM: tl.constexpr, COHERENT: tl.constexpr):
     """x pairs of the chunks of tile ``t`` (``x_base``: pair 0 of each chunk in tile 0 of the split;
     ``word0``: the chunks' first word index in that tile, ``[1, NC]``)."""
     w_first = t * (BLOCK_K // 16) + word0  # absolute index of each chunk's first word
@@ -223,14 +237,14 @@ def _load_x(x_base, word0, t, k_words, WPC: tl.constexpr, BLOCK_K: tl.constexpr,
         real2 = (w_first + 2) < k_words
         real3 = (w_first + 3) < k_words
         ptrs = tl.where(real0, x_base + t * (BLOCK_K // 2), x_base - word0 * 8)  # pair 0 of the row: readable
-    xa = _x_word(ptrs, 0, real0, not EVEN_K, USE_ASM)
+    xa = _x_word(ptrs, 0, real0, not EVEN_K, USE_ASM, COHERENT)
     if WPC >= 2:
-        xb = _x_word(ptrs, 1, real1, not EVEN_K, USE_ASM)
+        xb = _x_word(ptrs, 1, real1, not EVEN_K, USE_ASM, COHERENT)
     else:
         xb = xa
     if WPC == 4:
-        xc = _x_word(ptrs, 2, real2, not EVEN_K, USE_ASM)
-        xd = _x_word(ptrs, 3, real3, not EVEN_K, USE_ASM)
+        xc = _x_word(ptrs, 2, real2, not EVEN_K, USE_ASM, COHERENT)
+        xd = _x_word(ptrs, 3, real3, not EVEN_K, USE_ASM, COHERENT)
     else:
         xc = xa
         xd = xa
@@ -269,13 +283,18 @@ def db_gemv_chunk_kernel(
     stride_xm, stride_qn, stride_sn, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    GLU: tl.constexpr = False, SUM16: tl.constexpr = 1, PREFETCH_X: tl.constexpr = True,
+    GLU: tl.constexpr = False, SUM16: tl.constexpr = 1, PREFETCH_X: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """``out[m, n-block]`` for row ``m = program_id(2)``; grid ``(cdiv(N, BLOCK_N), splits, M)``
     (GLU: ``(cdiv(N/2, BLOCK_N/2), 1, M)``, rows as in :func:`~.gemv.db_gemv_kernel`).
 
-    ``PREFETCH_X=False`` reads a tile's x when it is decoded instead of one tile ahead (32
-    registers fewer per chunk column; x is an L2/L1 hit after the first program).
+    ``PREFETCH_X=True`` reads a tile's x one tile ahead, with its code words, instead of when the
+    tile is decoded (32 registers more per chunk column; x is an L2/L1 hit after the first
+    program). The default, False, was faster on 6 of the 7 shapes of the H100 sweep (kernels.md).
+    ``PDL`` (programmatic dependent launch): the first tile's code words and scales are requested
+    before ``griddepcontrol.wait`` (they do not depend on the kernel before), x after it with
+    coherent loads; dependents may launch once the first tile is requested.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(2).to(tl.int64)
@@ -314,8 +333,11 @@ def db_gemv_chunk_kernel(
     qw_ptrs = qw_ptr + rows * stride_qn + cidx * WPC
     sc_ptrs = sc_ptr + rows * stride_sn + (cidx * CHUNK // GROUP) * 2
     w0, w1, w2, w3, a1, a2 = _load_weights(qw_ptrs, sc_ptrs, cidx * 0 + t < k_hi, WPC, USE_ASM)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH_X:
-        xa, xb, xc, xd = _load_x(x_base, word0, t, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM)
+        xa, xb, xc, xd = _load_x(x_base, word0, t, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM, PDL)
     for t in range(k_lo, k_hi - 1):  # the last tile is decoded after the loop
         cidx = (t + 1) * NC + chunk
         if not EVEN_K:
@@ -324,16 +346,16 @@ def db_gemv_chunk_kernel(
         sc_ptrs = sc_ptr + rows * stride_sn + (cidx * CHUNK // GROUP) * 2
         n0, n1, n2, n3, na1, na2 = _load_weights(qw_ptrs, sc_ptrs, cidx * 0 + t + 1 < k_hi, WPC, USE_ASM)
         if PREFETCH_X:
-            nxa, nxb, nxc, nxd = _load_x(x_base, word0, t + 1, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM)
+            nxa, nxb, nxc, nxd = _load_x(x_base, word0, t + 1, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM, PDL)
         else:
-            xa, xb, xc, xd = _load_x(x_base, word0, t, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM)
+            xa, xb, xc, xd = _load_x(x_base, word0, t, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM, PDL)
         acc += _tile_dot(w0, w1, w2, w3, a1, a2, xa, xb, xc, xd, WPC, SUM16, USE_ASM)
         w0, w1, w2, w3, a1, a2 = n0, n1, n2, n3, na1, na2
         if PREFETCH_X:
             xa, xb, xc, xd = nxa, nxb, nxc, nxd
     if k_hi > k_lo:
         if not PREFETCH_X:
-            xa, xb, xc, xd = _load_x(x_base, word0, k_hi - 1, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM)
+            xa, xb, xc, xd = _load_x(x_base, word0, k_hi - 1, k_words, WPC, BLOCK_K, EVEN_K, USE_ASM, PDL)
         acc += _tile_dot(w0, w1, w2, w3, a1, a2, xa, xb, xc, xd, WPC, SUM16, USE_ASM)
 
     y = tl.sum(acc, axis=1)

@@ -252,19 +252,18 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     check_config(cfg, gw.group_size)
     m, k = x2.shape
     n = gw.out_features
+    if glu and not glu_gemv_applies(x2, gw, cfg):
+        raise ValueError(f"db_linear (triton): the GLU gemv needs fp16 x with even K and aligned rows, "
+                         f"an even number of weight rows, split_k=1 and block_n >= 2; got x {x2.dtype} "
+                         f"{tuple(x2.shape)}, N={n}, config {cfg.short()}")
     if cfg.kind == "gemvc" and chunk_loads_apply(x2.view(torch.int32) if gemv_applies(x2) else None, k):
-        return _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, **(variant or {}))
+        return _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, pdl, **(variant or {}))
     if cfg.kind == "gemvc":  # x its asm loads cannot read: the word gemv, in tiles it takes for any K
         cfg = dataclasses.replace(cfg, kind="gemv", block_k=min(cfg.block_k, K_ALIGN))
     if cfg.block_k > K_ALIGN and k % cfg.block_k:  # a partial tile that wide would read past the layout's padding
         raise ValueError(f"db_linear (triton): config {cfg.short()} needs K to be a multiple of {cfg.block_k}, "
                          f"got K={k}; use a block_k of at most {K_ALIGN}")
-    if glu:
-        if not glu_gemv_applies(x2, gw, cfg):
-            raise ValueError(f"db_linear (triton): the GLU gemv needs fp16 x with even K and aligned rows, "
-                             f"an even number of weight rows, split_k=1 and block_n >= 2; got x {x2.dtype} "
-                             f"{tuple(x2.shape)}, N={n}, config {cfg.short()}")
-    elif not gemv_applies(x2):
+    if not glu and not gemv_applies(x2):
         return launch_matmul(x2, gw, bias, default_config(m, n, k, gw.group_size), wrap, out)
     out = _output(x2, n // 2 if glu else n, out)
     if m == 0:
@@ -300,8 +299,12 @@ def chunk_loads_apply(xp: torch.Tensor | None, k: int) -> bool:
     return xp.storage_offset() % 4 == 0 and (xp.shape[0] == 1 or xp.stride(0) % 4 == 0)
 
 
-def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, sum16: int = 1, prefetch_x: bool = True):
-    """:func:`launch_gemv` with :func:`~.gemv_chunk.db_gemv_chunk_kernel` (``cfg.kind == "gemvc"``)."""
+def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, pdl, sum16: int = 1, prefetch_x: bool = False):
+    """:func:`launch_gemv` with :func:`~.gemv_chunk.db_gemv_chunk_kernel` (``cfg.kind == "gemvc"``).
+
+    ``sum16`` / ``prefetch_x``: the kernel's ``SUM16`` / ``PREFETCH_X`` (``launch_gemv``'s
+    ``variant``, for sweeps); the defaults are the swept choice (kernels.md).
+    """
     from .gemv_chunk import db_gemv_chunk_kernel
     from .splitk import launch_reduce
 
@@ -322,7 +325,7 @@ def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, sum16: int = 1, prefet
         GROUP=gw.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=(k % cfg.block_k == 0),
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
         SPLIT_K=1 if splits == 1 else cfg.split_k, GLU=glu, SUM16=sum16, PREFETCH_X=prefetch_x,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_gemv_pdl(0 if interpreted() else 2, pdl),
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)

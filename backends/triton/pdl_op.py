@@ -53,7 +53,7 @@ def db_gemv_pdl(
     cfg = choose(x2, gw, bias)  # (real tensors here: an opaque op never runs on fake ones)
     if glu:
         cfg = glu_config(cfg)
-    if cfg.kind == "gemv" and (glu_gemv_applies(x2, gw, cfg) if glu else gemv_applies(x2)):
+    if cfg.kind in ("gemv", "gemvc") and (glu_gemv_applies(x2, gw, cfg) if glu else gemv_applies(x2)):
         z = launch_gemv(x2, gw, bias, cfg, glu=glu, pdl=True)
     else:
         y = run_config(x2, gw, bias, cfg)

@@ -69,7 +69,7 @@ def rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def glu_config(cfg):
     """``cfg`` for the GLU epilogue: a gemv's split-K dropped (the epilogue needs whole rows)."""
-    return dataclasses.replace(cfg, split_k=1) if cfg.kind == "gemv" and cfg.split_k > 1 else cfg
+    return dataclasses.replace(cfg, split_k=1) if cfg.kind in ("gemv", "gemvc") and cfg.split_k > 1 else cfg
 
 
 def _choose(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None):

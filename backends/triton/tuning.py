@@ -155,16 +155,21 @@ _SMALL_SPLIT_BASES = [(64, 256, 4, 4), (32, 128, 2, 4)]
 _GEMV = [(4, 512, 1, 3), (8, 512, 1, 3), (16, 512, 1, 3),
          (2, 1024, 1, 3), (4, 1024, 1, 3), (4, 1024, 2, 3), (8, 1024, 2, 3), (2, 1024, 2, 3), (8, 1024, 4, 3)]
 _GEMV_SPLITS = (1, 2, 4)
+# The chunk gemv (:mod:`.gemv_chunk`, kind ``gemvc``): (BLOCK_N, BLOCK_K, warps, stages) x the same
+# splits. The five entries within 3-7% of the best chunk config on every Llama shape of the H100
+# sweep (benchmarks/sweep_gemv_chunk.py, 2026-11-25; raw benchmarks/results/gemv_chunk_h100_2026-11-25/).
+_GEMVC = [(16, 2048, 2, 3), (8, 2048, 1, 3), (8, 2048, 2, 3), (4, 2048, 1, 3), (16, 1024, 1, 3)]
 
 
 def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
                dtype: torch.dtype | None = None) -> list[KernelConfig]:
     """Configurations tried for this shape (filtered to those valid for ``g``).
 
-    ``m == 1`` with ``dtype`` fp16 (or not given) adds the gemv kernel's configurations
-    (``_GEMV`` x ``_GEMV_SPLITS``, the splits that K's tiles allow: 27 on the Llama shapes,
-    12 for K = 576 and 18 for K = 1536 with G = 64), unless ``DBLLM_TRITON_GEMV=0`` (for
-    before/after timings).
+    ``m == 1`` with ``dtype`` fp16 (or not given) adds the gemv kernels' configurations: the
+    word gemv's (``_GEMV`` x ``_GEMV_SPLITS``, the splits that K's tiles allow: 27 on the Llama
+    shapes, 12 for K = 576 and 18 for K = 1536 with G = 64) and the chunk gemv's (``_GEMVC`` x
+    the same splits), unless ``DBLLM_TRITON_GEMV=0`` (neither) or ``DBLLM_TRITON_GEMVC=0`` (no
+    chunk gemv), for before/after timings.
 
     Decode (``m <= 16``): the block configurations of ``_DECODE`` without split, then split-K
     versions of ``_SPLIT_BASES`` (``_SMALL_SPLIT_BASES`` for layers whose ``N/64 x K/256``
@@ -185,6 +190,9 @@ def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
         if m == 1 and dtype in (None, torch.float16) and os.environ.get("DBLLM_TRITON_GEMV", "1") != "0":
             c += [F(kind="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
                   for bn, bk, w, s in _GEMV for sk in _GEMV_SPLITS if split_plan(k, bk, sk)[1] == sk]
+            if os.environ.get("DBLLM_TRITON_GEMVC", "1") != "0":
+                c += [F(kind="gemvc", block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
+                      for bn, bk, w, s in _GEMVC for sk in _GEMV_SPLITS if split_plan(k, bk, sk)[1] == sk]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
         c = [F(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
@@ -290,7 +298,7 @@ def launches(cfg: KernelConfig) -> int:
 
 def pick(ran: list[KernelConfig], results: dict[str, float]) -> KernelConfig:
     """The fastest configuration, except that one within ``TIE_MARGIN`` (4%) of it with fewer
-    launches wins, and among those the gemv kind (then the fastest).
+    launches wins, and among those a gemv kind (then the fastest).
 
     Why: times of a few microseconds measured one layer at a time move by a few percent from
     run to run, and in a model each extra launch also costs a gap between kernels that a lone
@@ -299,7 +307,7 @@ def pick(ran: list[KernelConfig], results: dict[str, float]) -> KernelConfig:
     speed moved with the choice."""
     best_ms = min(results[c.short()] for c in ran)
     close = [c for c in ran if results[c.short()] <= best_ms * (1 + TIE_MARGIN)]
-    return min(close, key=lambda c: (launches(c), c.kind != "gemv", results[c.short()]))
+    return min(close, key=lambda c: (launches(c), c.kind not in ("gemv", "gemvc"), results[c.short()]))
 
 
 def choose(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None) -> KernelConfig:
