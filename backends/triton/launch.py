@@ -299,11 +299,13 @@ def chunk_loads_apply(xp: torch.Tensor | None, k: int) -> bool:
     return xp.storage_offset() % 4 == 0 and (xp.shape[0] == 1 or xp.stride(0) % 4 == 0)
 
 
-def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, pdl, sum16: int = 1, prefetch_x: bool = False):
+def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, pdl, sum16: int = 1, prefetch_x: bool = False,
+                       maxnreg: int | None = None):
     """:func:`launch_gemv` with :func:`~.gemv_chunk.db_gemv_chunk_kernel` (``cfg.kind == "gemvc"``).
 
-    ``sum16`` / ``prefetch_x``: the kernel's ``SUM16`` / ``PREFETCH_X`` (``launch_gemv``'s
-    ``variant``, for sweeps); the defaults are the swept choice (kernels.md).
+    ``sum16`` / ``prefetch_x``: the kernel's ``SUM16`` / ``PREFETCH_X``; ``maxnreg``: a register
+    cap per thread (``launch_gemv``'s ``variant``, for sweeps); the defaults are the swept choice
+    (kernels.md).
     """
     from .gemv_chunk import db_gemv_chunk_kernel
     from .splitk import launch_reduce
@@ -326,6 +328,7 @@ def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, pdl, sum16: int = 1, p
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
         SPLIT_K=1 if splits == 1 else cfg.split_k, GLU=glu, SUM16=sum16, PREFETCH_X=prefetch_x,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_gemv_pdl(0 if interpreted() else 2, pdl),
+        **({"maxnreg": maxnreg} if maxnreg and not interpreted() else {}),
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)
