@@ -210,15 +210,15 @@ def _load_x_asm(x_ptrs, word, k0, k_hi, BLOCK_K: tl.constexpr, COHERENT: tl.cons
     else:
         x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_pairs(xa)
     if not EVEN_K:
-        x0 = tl.where(real, x0, 0)
-        x1 = tl.where(real, x1, 0)
-        x2 = tl.where(real, x2, 0)
-        x3 = tl.where(real, x3, 0)
-        x4 = tl.where(real, x4, 0)
-        x5 = tl.where(real, x5, 0)
-        x6 = tl.where(real, x6, 0)
-        x7 = tl.where(real, x7, 0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _zero_unless(real, x0, x1, x2, x3, x4, x5, x6, x7)
     return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _zero_unless(real, x0, x1, x2, x3, x4, x5, x6, x7):
+    """A word's eight x pairs, zero where ``real`` is false."""
+    return (tl.where(real, x0, 0), tl.where(real, x1, 0), tl.where(real, x2, 0), tl.where(real, x3, 0),
+            tl.where(real, x4, 0), tl.where(real, x5, 0), tl.where(real, x6, 0), tl.where(real, x7, 0))
 
 
 @triton.jit

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gemv import _ld32, _packed_luts, _word_dot
+from .gemv import _ld32, _packed_luts, _word_dot, _zero_unless
 from .kernels import _group_luts
 
 __all__ = ["db_gemv_chunk_kernel"]
@@ -112,24 +112,23 @@ def _ld_x_word(addr, J: tl.constexpr, COHERENT: tl.constexpr):
     (``ld.global.nc`` may move above it, before x is written; as in :mod:`.gemv`).
     """
     if COHERENT:
-        if J == 0:
-            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+16];"
-        elif J == 1:
-            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8+32]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+48];"
-        elif J == 2:
-            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8+64]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+80];"
-        else:
-            s: tl.constexpr = "ld.global.v4.b32 {$0, $1, $2, $3}, [$8+96]; ld.global.v4.b32 {$4, $5, $6, $7}, [$8+112];"
+        ld: tl.constexpr = "ld.global.v4.b32 "
     else:
-        if J == 0:
-            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];"
-        elif J == 1:
-            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+32]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+48];"
-        elif J == 2:
-            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+64]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+80];"
-        else:
-            s: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8+96]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+112];"
-    return tl.inline_asm_elementwise(s, "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr], dtype=(tl.int32,) * 8, is_pure=True,
+        ld: tl.constexpr = "ld.global.nc.v4.b32 "
+    if J == 0:
+        lo: tl.constexpr = "[$8]; "
+        hi: tl.constexpr = "[$8+16];"
+    elif J == 1:
+        lo: tl.constexpr = "[$8+32]; "
+        hi: tl.constexpr = "[$8+48];"
+    elif J == 2:
+        lo: tl.constexpr = "[$8+64]; "
+        hi: tl.constexpr = "[$8+80];"
+    else:
+        lo: tl.constexpr = "[$8+96]; "
+        hi: tl.constexpr = "[$8+112];"
+    return tl.inline_asm_elementwise(ld + "{$0, $1, $2, $3}, " + lo + ld + "{$4, $5, $6, $7}, " + hi,
+                                     "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr], dtype=(tl.int32,) * 8, is_pure=True,
                                      pack=1)
 
 
@@ -150,14 +149,7 @@ def _x_word(x_ptrs, J: tl.constexpr, real, MASKED: tl.constexpr, USE_ASM: tl.con
         x6 = tl.load(p + 6, mask=real, other=0)
         x7 = tl.load(p + 7, mask=real, other=0)
     if USE_ASM and MASKED:
-        x0 = tl.where(real, x0, 0)
-        x1 = tl.where(real, x1, 0)
-        x2 = tl.where(real, x2, 0)
-        x3 = tl.where(real, x3, 0)
-        x4 = tl.where(real, x4, 0)
-        x5 = tl.where(real, x5, 0)
-        x6 = tl.where(real, x6, 0)
-        x7 = tl.where(real, x7, 0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _zero_unless(real, x0, x1, x2, x3, x4, x5, x6, x7)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
