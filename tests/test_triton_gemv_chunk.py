@@ -136,3 +136,14 @@ def test_chunk_gemv_with_pdl_equals_the_plain_launch():
     for cfg, glu in ((C(8, 2048), False), (C(16, 1024, 1, 2), False), (C(8, 2048), True)):
         plain = launch.launch_gemv(x, gw, None if glu else bias, cfg, glu=glu, pdl=False)
         assert torch.equal(plain, launch.launch_gemv(x, gw, None if glu else bias, cfg, glu=glu, pdl=True))
+
+
+def test_chunk_gemv_reads_a_single_row_with_an_odd_row_stride():
+    """A row sliced out of a wider buffer (odd row stride, unused for one row) still runs."""
+    n, k, g = 16, 256, 64
+    packed, a1, a2, bias, _ = make_layer(n, k, g, seed=6)
+    gw = dbt.to_gpu_layout(packed, a1, a2, k, g, torch.float16)
+    buf = torch.randn(2, k + 1, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    x = buf[:1, :k]
+    assert x.stride(0) % 2 == 1
+    assert_close(launch.launch_gemv(x, gw, bias, C(8, 256)), reference(x, packed, a1, a2, bias, k, g), torch.float16)

@@ -256,6 +256,8 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
         raise ValueError(f"db_linear (triton): the GLU gemv needs fp16 x with even K and aligned rows, "
                          f"an even number of weight rows, split_k=1 and block_n >= 2; got x {x2.dtype} "
                          f"{tuple(x2.shape)}, N={n}, config {cfg.short()}")
+    if m == 1 and x2.stride(0) % 2:
+        x2 = x2.as_strided((1, k), (k, 1))  # the row stride of a single row is never used
     if cfg.kind == "gemvc" and chunk_loads_apply(x2.view(torch.int32) if gemv_applies(x2) else None, k):
         return _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, pdl, **(variant or {}))
     if cfg.kind == "gemvc":  # x its asm loads cannot read: the word gemv, in tiles it takes for any K
@@ -269,8 +271,6 @@ def launch_gemv(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg
     if m == 0:
         return out
     bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
-    if m == 1 and x2.stride(0) % 2:
-        x2 = x2.as_strided((1, k), (k, 1))  # the row stride of a single row is never used
     xp = x2.view(torch.int32)  # fp16 pairs
     loads = _gemv_loads(xp, m, k, cfg)
     programs = triton_cdiv(n // 2, cfg.block_n // 2) if glu else triton_cdiv(n, cfg.block_n)
@@ -316,8 +316,6 @@ def _launch_gemv_chunk(x2, gw, bias, cfg, wrap, out, glu, pdl, sum16: int = 1, p
     if m == 0:
         return out
     bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
-    if m == 1 and x2.stride(0) % 2:
-        x2 = x2.as_strided((1, k), (k, 1))
     xp = x2.view(torch.int32)
     programs = triton_cdiv(n // 2, cfg.block_n // 2) if glu else triton_cdiv(n, cfg.block_n)
     _kernel(db_gemv_chunk_kernel, wrap)[(programs, splits, m)](
