@@ -73,9 +73,9 @@ def test_default_split_k_follows_the_sm_count_and_split_length():
 def test_decode_candidates(nk):
     n, k = nk
     cands = tuning.candidates(16, n, k, 64, sms=132)
-    assert cands == tuning.candidates(1, n, k, 64, sms=132, dtype=torch.bfloat16)  # gemv: fp16, M = 1 only
+    assert cands == tuning.candidates(1, n, k, 64, sms=132, dtype=torch.bfloat16)  # gemvs: fp16, M = 1 only
     m1 = tuning.candidates(1, n, k, 64, sms=132)
-    assert m1[:len(cands)] == cands and {c.kind for c in m1[len(cands):]} == {"gemv"}
+    assert m1[:len(cands)] == cands and {c.kind for c in m1[len(cands):]} == {"gemv", "gemvc"}  # both gemvs
     assert any(c.split_k > 1 for c in m1[len(cands):])
     names = [c.short() for c in m1]
     assert len(set(names)) == len(names) and len(cands) <= 12
