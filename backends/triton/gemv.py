@@ -132,14 +132,7 @@ def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, k_pairs, BLOCK_K: 
         addr = tl.where(ok, x_ptrs, x_ptrs - k0 * (BLOCK_K // 2)).to(tl.int64, bitcast=True)
         x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_pairs(addr)
     elif EVEN_K:
-        x0 = tl.load(x_ptrs, mask=ok, other=0)
-        x1 = tl.load(x_ptrs + 1, mask=ok, other=0)
-        x2 = tl.load(x_ptrs + 2, mask=ok, other=0)
-        x3 = tl.load(x_ptrs + 3, mask=ok, other=0)
-        x4 = tl.load(x_ptrs + 4, mask=ok, other=0)
-        x5 = tl.load(x_ptrs + 5, mask=ok, other=0)
-        x6 = tl.load(x_ptrs + 6, mask=ok, other=0)
-        x7 = tl.load(x_ptrs + 7, mask=ok, other=0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _load_pairs(x_ptrs, ok)
     else:  # pairs past K (its last word may be partly past it) are not read: 0 * garbage could be NaN
         p0 = k0 * (BLOCK_K // 2) + word * 8
         x0 = tl.load(x_ptrs, mask=ok & (p0 < k_pairs), other=0)
@@ -151,6 +144,15 @@ def _load_tile(qw_ptrs, sc_ptrs, x_ptrs, word, grp, k0, k_hi, k_pairs, BLOCK_K: 
         x6 = tl.load(x_ptrs + 6, mask=ok & (p0 + 6 < k_pairs), other=0)
         x7 = tl.load(x_ptrs + 7, mask=ok & (p0 + 7 < k_pairs), other=0)
     return words, a1, a2, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _load_pairs(p, mask):
+    """The eight x pairs (``int32``) at ``p .. p + 7`` with ``tl.load``, zero where ``mask`` is false."""
+    return (tl.load(p, mask=mask, other=0), tl.load(p + 1, mask=mask, other=0), tl.load(p + 2, mask=mask, other=0),
+            tl.load(p + 3, mask=mask, other=0), tl.load(p + 4, mask=mask, other=0),
+            tl.load(p + 5, mask=mask, other=0), tl.load(p + 6, mask=mask, other=0),
+            tl.load(p + 7, mask=mask, other=0))
 
 
 @triton.jit

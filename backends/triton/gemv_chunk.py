@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gemv import _ld32, _packed_luts, _word_dot, _zero_unless
+from .gemv import _ld32, _load_pairs, _packed_luts, _word_dot, _zero_unless
 from .kernels import _group_luts
 
 __all__ = ["db_gemv_chunk_kernel"]
@@ -139,15 +139,7 @@ def _x_word(x_ptrs, J: tl.constexpr, real, MASKED: tl.constexpr, USE_ASM: tl.con
     if USE_ASM:
         x0, x1, x2, x3, x4, x5, x6, x7 = _ld_x_word(x_ptrs.to(tl.int64, bitcast=True), J, COHERENT)
     else:
-        p = x_ptrs + J * 8
-        x0 = tl.load(p, mask=real, other=0)
-        x1 = tl.load(p + 1, mask=real, other=0)
-        x2 = tl.load(p + 2, mask=real, other=0)
-        x3 = tl.load(p + 3, mask=real, other=0)
-        x4 = tl.load(p + 4, mask=real, other=0)
-        x5 = tl.load(p + 5, mask=real, other=0)
-        x6 = tl.load(p + 6, mask=real, other=0)
-        x7 = tl.load(p + 7, mask=real, other=0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _load_pairs(x_ptrs + J * 8, real)
     if USE_ASM and MASKED:
         x0, x1, x2, x3, x4, x5, x6, x7 = _zero_unless(real, x0, x1, x2, x3, x4, x5, x6, x7)
     return x0, x1, x2, x3, x4, x5, x6, x7
