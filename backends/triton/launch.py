@@ -40,13 +40,17 @@ class KernelConfig:
     ``kind="gemv"``: :func:`~.gemv.db_gemv_kernel` (batch 1, fp16, no tensor cores) with
     ``block_n x block_k`` tiles; ``block_m``/``group_tiles``/``swap``/``chunk_n`` unused. For
     other dtypes, odd K or unaligned rows of x it runs the fused kernel's untuned default.
-    ``split_k > 1`` (fused and gemv): K is cut into up to ``split_k`` ranges of whole ``block_k``
+    ``kind="mma"``: :func:`~.mma16.db_mma16_kernel` (2-16 rows of fp16 x, ``mma.sync`` in inline
+    PTX) with ``block_n`` weight rows per program (``16 * tiles * num_warps``) and chunks of
+    ``block_k`` features (64, 128 or 256); other activations run the fused kernel's default.
+    ``split_k > 1`` (fused, gemv and mma): K is cut into up to ``split_k`` ranges of whole ``block_k``
     tiles, one program per output tile and range, float32 partials summed by a second kernel
     (:mod:`.splitk`). ``1`` is the single-kernel path.
 
     Names (:meth:`short`, :meth:`parse`): ``m16n64k256g1w4s4`` (``m`` block_m, ``n`` block_n,
     ``k`` block_k, ``g`` group_tiles, ``w`` num_warps, ``s`` num_stages), ``x`` appended for
-    ``swap``, ``sk4`` for ``split_k=4``; ``dequant32x512w4c1024+cublas`` for the dequant kind, ``gemv64x256w4s4sk2`` for gemv.
+    ``swap``, ``sk4`` for ``split_k=4``; ``dequant32x512w4c1024+cublas`` for the dequant kind, ``gemv64x256w4s4sk2`` for gemv,
+    ``mma128x128w4sk2`` for mma.
     """
 
     kind: str = "fused"
@@ -61,9 +65,12 @@ class KernelConfig:
     split_k: int = 1
 
     def __post_init__(self):
-        if self.kind not in ("fused", "dequant", "gemv", "gemvc"):
-            raise ValueError(f"kernel config {self.short()}: kind must be 'fused', 'dequant', 'gemv' or 'gemvc', "
-                             f"got {self.kind!r}")
+        if self.kind not in ("fused", "dequant", "gemv", "gemvc", "mma"):
+            raise ValueError(f"kernel config {self.short()}: kind must be 'fused', 'dequant', 'gemv', 'gemvc' or "
+                             f"'mma', got {self.kind!r}")
+        if self.kind == "mma" and (self.block_k not in (64, 128, 256) or self.block_n % (16 * self.num_warps)):
+            raise ValueError(f"kernel config {self.short()}: an mma config needs block_k 64, 128 or 256 and block_n a "
+                             f"multiple of 16 * num_warps = {16 * self.num_warps}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"kernel config {self.short()}: split_k must be an int >= 1 (1 = no split), "
                              f"got {self.split_k!r}")
@@ -87,6 +94,8 @@ class KernelConfig:
             chunk = f"c{self.chunk_n}" if self.chunk_n else ""
             return f"dequant{self.block_n}x{self.block_k}w{self.num_warps}{chunk}+cublas"
         split = f"sk{self.split_k}" if self.split_k != 1 else ""
+        if self.kind == "mma":
+            return f"mma{self.block_n}x{self.block_k}w{self.num_warps}" + split
         if self.kind in ("gemv", "gemvc"):
             return f"{self.kind}{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}" + split
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_tiles}"
@@ -105,6 +114,10 @@ class KernelConfig:
             kind, bn, bk, w, st, sk = m.groups()
             return KernelConfig(kind=kind, block_n=int(bn), block_k=int(bk), num_warps=int(w),
                                 num_stages=int(st), split_k=int(sk or 1))
+        m = _MMA_NAME.fullmatch(name)
+        if m:
+            bn, bk, w, sk = m.groups()
+            return KernelConfig(kind="mma", block_n=int(bn), block_k=int(bk), num_warps=int(w), split_k=int(sk or 1))
         m = _DEQUANT_NAME.fullmatch(name)
         if m:
             bn, bk, w, chunk = m.groups()
@@ -116,13 +129,16 @@ class KernelConfig:
 
 _FUSED_NAME = re.compile(r"m(\d+)n(\d+)k(\d+)g(\d+)w(\d+)s(\d+)(x?)(?:sk(\d+))?")
 _GEMV_NAME = re.compile(r"(gemvc?)(\d+)x(\d+)w(\d+)s(\d+)(?:sk(\d+))?")
+_MMA_NAME = re.compile(r"mma(\d+)x(\d+)w(\d+)(?:sk(\d+))?")
 _DEQUANT_NAME = re.compile(r"dequant(\d+)x(\d+)w(\d+)(?:c(\d+))?\+cublas")
 
 
 def config_fits(cfg: KernelConfig, group_size: int) -> bool:
     """Whether ``cfg`` is valid for this group size: BLOCK_K a multiple of G dividing 1024, or
     for the gemv also a multiple of 1024 (a power of two), for K a multiple of it only
-    (:func:`launch_gemv` checks)."""
+    (:func:`launch_gemv` checks); for mma, G a multiple of ``block_k / 4`` (a lane's words share a group)."""
+    if cfg.kind == "mma":
+        return group_size % (cfg.block_k // 4) == 0
     if cfg.block_k % group_size:
         return False
     if cfg.kind in ("gemv", "gemvc") and cfg.block_k % K_ALIGN == 0:
@@ -133,6 +149,9 @@ def config_fits(cfg: KernelConfig, group_size: int) -> bool:
 def check_config(cfg: KernelConfig, group_size: int) -> None:
     """Raise a ``ValueError`` naming ``cfg`` and the fix when it cannot run with this group size."""
     if not config_fits(cfg, group_size):
+        if cfg.kind == "mma":
+            raise ValueError(f"db_linear (triton): config {cfg.short()} needs group_size={group_size} to be a multiple "
+                             f"of block_k / 4 = {cfg.block_k // 4}; use block_k <= {4 * group_size}")
         fits = [b for b in (16, 32, 64, 128, 256, 512, 1024) if b % group_size == 0]
         raise ValueError(
             f"db_linear (triton): config {cfg.short()} has block_k={cfg.block_k}, which must be a multiple of "
@@ -413,6 +432,10 @@ def run_config(x2: torch.Tensor, gw: GpuWeights, bias: torch.Tensor | None, cfg:
         return out
     if cfg.kind in ("gemv", "gemvc"):
         return launch_gemv(x2, gw, bias, cfg, wrap)
+    if cfg.kind == "mma":
+        from .mma16 import launch_mma16
+
+        return launch_mma16(x2, gw, bias, cfg, wrap)
     return launch_matmul(x2, gw, bias, cfg, wrap)
 
 

@@ -1,0 +1,358 @@
+"""Small-batch kernel (2 to 16 rows of x): the chunk gemv's loads, the tensor cores' products.
+
+At M = 16 the fused kernel (:func:`~.kernels.db_matmul_kernel`, ``BLOCK_M = 16``) streams
+about a third to a half of the copy bandwidth (results.md section 5): Triton moves the code words
+and x through its own pipeline and layouts. The batch-1 chunk gemv (:mod:`.gemv_chunk`) gets
+75% with loads it issues itself, but multiplies on the CUDA cores, which at 16 rows would need
+eight ``f16x2`` FMAs per weight. This kernel keeps the chunk gemv's memory side and hands the
+products to ``mma.sync.m16n8k16`` (f16 inputs, f32 accumulators), written in inline PTX.
+
+Every tensor is ``[TILES, 32 * num_warps]`` in Triton's default layout: element ``(t, i)`` lives
+in thread ``i``, register ``t`` (no ``tl.load``, ``tl.store`` or reduction: every memory access
+is inline asm, so no layout pass moves an element to another thread, which would break the
+warp-wide ``mma``). Lane ``l`` of a warp has ``r = l // 4`` and ``q = l % 4``, the fragment
+coordinates of the PTX ISA. Warp ``w`` owns ``TILES`` tiles of 16 weight rows; in tile ``t``
+the lane holds rows ``R + r`` and ``R + r + 8``.
+
+The K dimension inside an ``mma`` can be permuted freely as long as A and B use the same
+permutation. Per chunk of ``64 V`` features (``V`` code words per row and lane), lane ``q``
+takes the words ``qV .. qV + V - 1`` of its two rows: one ``V``-word load per row, and x for
+those words is ``16 V`` contiguous fp16 per token (``2 V`` 16-byte loads). Each word is decoded
+(:func:`_word_pairs`: two masks, 16 byte permutes) into its eight fp16 weight pairs ``P0..P7``
+(pair ``p`` = elements ``2p, 2p+1``); k-slice ``s`` (0..3) of the word feeds the ``mma`` with
+
+    A: a0 = P(2s) of row r, a1 = P(2s) of row r+8, a2 = P(2s+1) of row r, a3 = P(2s+1) of row r+8
+    B: b0 = x pair 2s, b1 = x pair 2s+1 of token j*8 + r (n-tile j)
+
+i.e. fragment column ``2q + h`` is element ``4s + h`` and column ``2q + 8 + h`` element
+``4s + 2 + h`` of lane ``q``'s word, for A and B alike. The accumulator ``c0..c3`` of n-tile
+``j`` is rows ``r, r, r+8, r+8`` times tokens ``8j + 2q, 8j + 2q + 1, 8j + 2q, 8j + 2q + 1``.
+``NJ = 1`` (M <= 8) issues one n-tile.
+
+Code words and scales of the next chunk are loaded before the current chunk is decoded
+(register double buffering, as in the gemvs); split-K as in the other kernels (float32
+partials, :mod:`.splitk`). Needs fp16 x with 16-byte aligned rows, K a multiple of the chunk,
+G a multiple of ``16 V`` (the launcher checks, :func:`mma_applies`).
+
+Under the Triton interpreter (no inline asm, no warps) the same tensors and index arithmetic
+compute each accumulator element directly from whole code words (:func:`~.gemv._word_dot`): it
+tests the rows, tokens, chunks, splits and the epilogue, not the fragment layout, which only
+the GPU tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemv import _ld32, _load_pairs, _packed_luts, _word_dot, _zero_unless
+from .gemv_chunk import _ld_words, _ld_x_word
+from .kernels import _group_luts
+
+__all__ = ["db_mma16_kernel", "mma_applies", "launch_mma16"]
+
+_PAIRS_ASM = tl.constexpr(
+    "{ .reg .b32 m, n, s, a, b, o0, o1, o2, o3, o4, o5, o6, o7; "
+    "and.b32 m, $8, 0x33333333; shr.b32 n, $8, 2; and.b32 n, n, 0x33333333; "
+    "prmt.b32 a, $9, $9, m; prmt.b32 b, $10, $10, m; prmt.b32 o0, a, b, 0x5140; prmt.b32 o4, a, b, 0x7362; "
+    "prmt.b32 a, $9, $9, n; prmt.b32 b, $10, $10, n; prmt.b32 o1, a, b, 0x5140; prmt.b32 o5, a, b, 0x7362; "
+    "shr.b32 s, m, 16; prmt.b32 a, $9, $9, s; prmt.b32 b, $10, $10, s; "
+    "prmt.b32 o2, a, b, 0x5140; prmt.b32 o6, a, b, 0x7362; "
+    "shr.b32 s, n, 16; prmt.b32 a, $9, $9, s; prmt.b32 b, $10, $10, s; "
+    "prmt.b32 o3, a, b, 0x5140; prmt.b32 o7, a, b, 0x7362; "
+    "mov.b32 $0, o0; mov.b32 $1, o1; mov.b32 $2, o2; mov.b32 $3, o3; "
+    "mov.b32 $4, o4; mov.b32 $5, o5; mov.b32 $6, o6; mov.b32 $7, o7; }"
+)
+
+
+@triton.jit
+def _word_pairs(w, lut_lo, lut_hi):
+    """A code word's eight fp16 weight pairs (``int32``; pair p = elements 2p, 2p+1). The outputs
+    are written last: an output may share a register with an input."""
+    return tl.inline_asm_elementwise(_PAIRS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, lut_lo, lut_hi],
+                                     dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """``mma.sync.aligned.m16n8k16`` (f16 x f16 + f32), one per warp and register."""
+    return tl.inline_asm_elementwise(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+        "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+        [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_mma(pa, pb, x, acc):
+    """The four k-slices of one word (pairs ``pa`` of row r, ``pb`` of row r+8) against x pairs ``x``."""
+    c0, c1, c2, c3 = acc
+    c0, c1, c2, c3 = _mma(pa[0], pb[0], pa[1], pb[1], x[0], x[1], c0, c1, c2, c3)
+    c0, c1, c2, c3 = _mma(pa[2], pb[2], pa[3], pb[3], x[2], x[3], c0, c1, c2, c3)
+    c0, c1, c2, c3 = _mma(pa[4], pb[4], pa[5], pb[5], x[4], x[5], c0, c1, c2, c3)
+    c0, c1, c2, c3 = _mma(pa[6], pb[6], pa[7], pb[7], x[6], x[7], c0, c1, c2, c3)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _st(addr, v, ok, F16: tl.constexpr):
+    """Store ``v`` (float32; rounded to fp16 with ``F16``) at ``addr`` where ``ok``; asm, returns 0."""
+    if F16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b16 h; setp.ne.b32 p, $2, 0; cvt.rn.f16.f32 h, $3; @p st.global.b16 [$1], h; "
+            "mov.b32 $0, 0; }", "=r,l,r,f", [addr, ok, v], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.f32 [$1], $3; mov.b32 $0, 0; }",
+            "=r,l,r,f", [addr, ok, v], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _ld_f16(addr):
+    """The fp16 at each address, as float32 (asm)."""
+    return tl.inline_asm_elementwise("{ .reg .b16 h; ld.global.nc.b16 h, [$1]; cvt.f32.f16 $0, h; }", "=f,l",
+                                     [addr], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _ld_x(x_chunk, tok, M, V: tl.constexpr):
+    """x pairs of the lane's ``V`` words for token ``tok`` (``[1, NT]``; zero for tokens >= M)."""
+    ok = tok < M
+    addr = x_chunk.to(tl.int64, bitcast=True)
+    xa = _x_pairs(addr, ok, 0)
+    xb = xa
+    xc = xa
+    xd = xa
+    if V >= 2:
+        xb = _x_pairs(addr, ok, 1)
+    if V == 4:
+        xc = _x_pairs(addr, ok, 2)
+        xd = _x_pairs(addr, ok, 3)
+    return xa, xb, xc, xd
+
+
+@triton.jit
+def _x_pairs(addr, ok, J: tl.constexpr):
+    """Word ``J``'s eight x pairs at ``addr`` (asm), zero where ``ok`` is false."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = _ld_x_word(addr, J, False)
+    return _zero_unless(ok, p0, p1, p2, p3, p4, p5, p6, p7)
+
+
+@triton.jit
+def _chunk_mma(wa, wb, sca, scb, xj, acc, V: tl.constexpr):
+    """One chunk of one n-tile: decode the lane's words of rows r and r+8, ``4 V`` mmas."""
+    la_lo, la_hi = _packed_luts(sca)
+    lb_lo, lb_hi = _packed_luts(scb)
+    acc = _word_mma(_word_pairs(wa[0], la_lo, la_hi), _word_pairs(wb[0], lb_lo, lb_hi), xj[0], acc)
+    if V >= 2:
+        acc = _word_mma(_word_pairs(wa[1], la_lo, la_hi), _word_pairs(wb[1], lb_lo, lb_hi), xj[1], acc)
+    if V == 4:
+        acc = _word_mma(_word_pairs(wa[2], la_lo, la_hi), _word_pairs(wb[2], lb_lo, lb_hi), xj[2], acc)
+        acc = _word_mma(_word_pairs(wa[3], la_lo, la_hi), _word_pairs(wb[3], lb_lo, lb_hi), xj[3], acc)
+    return acc
+
+
+@triton.jit
+def _ref_dot(qw_row, sc_row, x_row, tok_ok, c, CK: tl.constexpr, GROUP: tl.constexpr):
+    """Interpreter: the whole chunk ``c`` of one weight row times one token, float32 (``[T, NT]``)."""
+    s = tl.zeros(qw_row.shape, dtype=tl.float32)
+    for wi in tl.static_range(CK // 16):
+        k0 = c * CK + 16 * wi
+        word = tl.load(qw_row + k0 // 16)
+        grp = sc_row + (k0 // GROUP) * 2
+        lut_lo, lut_hi = _group_luts(tl.load(grp), tl.load(grp + 1), False, False)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _load_pairs(x_row + k0 // 2, tok_ok)
+        s += _word_dot(word, lut_lo, lut_hi, x0, x1, x2, x3, x4, x5, x6, x7, False)
+    return s
+
+
+@triton.jit
+def _ref_chunk(qa, qb, sa, sb, x_ptr, stride_xm, M, tok_lo, c, acc, CK: tl.constexpr, GROUP: tl.constexpr):
+    """Interpreter form of one chunk of one n-tile: ``acc`` elements from whole code words."""
+    c0, c1, c2, c3 = acc
+    ok0 = tok_lo < M
+    ok1 = (tok_lo + 1) < M
+    x0 = x_ptr + tl.minimum(tok_lo, M - 1).to(tl.int64) * stride_xm
+    x1 = x_ptr + tl.minimum(tok_lo + 1, M - 1).to(tl.int64) * stride_xm
+    c0 += _ref_dot(qa, sa, x0, ok0, c, CK, GROUP)
+    c1 += _ref_dot(qa, sa, x1, ok1, c, CK, GROUP)
+    c2 += _ref_dot(qb, sb, x0, ok0, c, CK, GROUP)
+    c3 += _ref_dot(qb, sb, x1, ok1, c, CK, GROUP)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _load_chunk(qa, qb, sa, sb, c, CK: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """Code words and packed scales of chunk ``c`` for rows r and r+8 (asm; zeros in the interpreter,
+    whose chunk form loads what it needs itself)."""
+    if USE_ASM:
+        wa = _ld_words((qa + c * (CK // 16)).to(tl.int64, bitcast=True), V)
+        wb = _ld_words((qb + c * (CK // 16)).to(tl.int64, bitcast=True), V)
+        sca = _ld32((sa + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
+        scb = _ld32((sb + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
+    else:
+        z = tl.zeros(qa.shape, dtype=tl.int32)
+        wa = (z, z, z, z)
+        wb = wa
+        sca = z
+        scb = z
+    return wa, wb, sca, scb
+
+
+@triton.jit
+def db_mma16_kernel(
+    x_ptr,  # int32 view of fp16 activations [M, K/2] (row stride stride_xm pairs)
+    qw_ptr,  # int32 [N, K_alloc/16] GPU-layout codes (row stride stride_qn words)
+    sc_ptr,  # fp16 [N, K_alloc/G, 2] scales (row stride stride_sn)
+    bias_ptr,  # fp16 [N] or dummy
+    out_ptr,  # fp16 [M, N] (row stride stride_om); with SPLIT_K > 1 a float32 workspace [splits, M, N]
+    M, N, K,
+    CHUNKS_PER_SPLIT,
+    stride_xm, stride_qn, stride_sn, stride_om,
+    GROUP: tl.constexpr, TILES: tl.constexpr, V: tl.constexpr, NJ: tl.constexpr, NWARPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+):
+    """``out[:M, rows]`` for ``16 * TILES * NWARPS`` weight rows per program; grid ``(row blocks, splits)``."""
+    NT: tl.constexpr = 32 * NWARPS
+    CK: tl.constexpr = 64 * V  # features per chunk
+    ROWS: tl.constexpr = 16 * TILES * NWARPS
+    pid_n = tl.program_id(0)
+    tid = tl.arange(0, NT)[None, :]
+    lane = tid % 32
+    r = lane // 4
+    q = lane % 4
+    row_a = pid_n * ROWS + (tid // 32) * (16 * TILES) + tl.arange(0, TILES)[:, None] * 16 + r  # [T, NT]
+    row_b = row_a + 8
+    n_chunks = K // CK
+    if SPLIT_K == 1:
+        c_lo = 0
+        c_hi = n_chunks
+    else:
+        pid_k = tl.program_id(1)
+        c_lo = pid_k * CHUNKS_PER_SPLIT
+        c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, n_chunks)
+        out_ptr += pid_k.to(tl.int64) * M * N
+    if USE_ASM:  # the lane's first word and its group, per row
+        qa = qw_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_qn + q * V
+        qb = qw_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_qn + q * V
+        sa = sc_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_sn + ((q * 16 * V) // GROUP) * 2
+        sb = sc_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_sn + ((q * 16 * V) // GROUP) * 2
+    else:  # whole rows
+        qa = qw_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_qn
+        qb = qw_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_qn
+        sa = sc_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_sn
+        sb = sc_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_sn
+    tok0 = r  # B-fragment token of n-tile 0 (tile 1: r + 8)
+    x0 = x_ptr + tl.minimum(tok0, M - 1).to(tl.int64) * stride_xm + q * (8 * V)  # lane's pairs in chunk 0
+    x1 = x_ptr + tl.minimum(tok0 + 8, M - 1).to(tl.int64) * stride_xm + q * (8 * V)
+    tok_lo = 2 * q  # accumulator tokens of n-tile 0: 2q, 2q + 1 (n-tile 1: + 8)
+
+    zero = tl.zeros((TILES, NT), dtype=tl.float32)
+    acc0 = (zero, zero, zero, zero)
+    acc1 = (zero, zero, zero, zero)
+    wa, wb, sca, scb = _load_chunk(qa, qb, sa, sb, c_lo, CK, GROUP, V, USE_ASM)
+    for c in range(c_lo, c_hi):
+        # the next chunk's words and scales (the last iteration re-reads its own chunk)
+        nwa, nwb, nsca, nscb = _load_chunk(qa, qb, sa, sb, tl.minimum(c + 1, c_hi - 1), CK, GROUP, V, USE_ASM)
+        if USE_ASM:
+            acc0 = _chunk_mma(wa, wb, sca, scb, _ld_x(x0 + c * (CK // 2), tok0, M, V), acc0, V)
+            if NJ == 2:
+                acc1 = _chunk_mma(wa, wb, sca, scb, _ld_x(x1 + c * (CK // 2), tok0 + 8, M, V), acc1, V)
+        else:
+            acc0 = _ref_chunk(qa, qb, sa, sb, x_ptr, stride_xm, M, tok_lo, c, acc0, CK, GROUP)
+            if NJ == 2:
+                acc1 = _ref_chunk(qa, qb, sa, sb, x_ptr, stride_xm, M, tok_lo + 8, c, acc1, CK, GROUP)
+        wa, wb, sca, scb = nwa, nwb, nsca, nscb
+
+    ok_a = row_a < N
+    ok_b = row_b < N
+    if HAS_BIAS:
+        if USE_ASM:
+            bias_a = _ld_f16((bias_ptr + tl.minimum(row_a, N - 1)).to(tl.int64, bitcast=True))
+            bias_b = _ld_f16((bias_ptr + tl.minimum(row_b, N - 1)).to(tl.int64, bitcast=True))
+        else:
+            bias_a = tl.load(bias_ptr + tl.minimum(row_a, N - 1)).to(tl.float32)
+            bias_b = tl.load(bias_ptr + tl.minimum(row_b, N - 1)).to(tl.float32)
+        acc0 = (acc0[0] + bias_a, acc0[1] + bias_a, acc0[2] + bias_b, acc0[3] + bias_b)
+        acc1 = (acc1[0] + bias_a, acc1[1] + bias_a, acc1[2] + bias_b, acc1[3] + bias_b)
+    _store_tile(out_ptr, stride_om, acc0, row_a, row_b, ok_a, ok_b, tok_lo, M, SPLIT_K == 1, USE_ASM)
+    if NJ == 2:
+        _store_tile(out_ptr, stride_om, acc1, row_a, row_b, ok_a, ok_b, tok_lo + 8, M, SPLIT_K == 1, USE_ASM)
+
+
+@triton.jit
+def _store_tile(out_ptr, stride_om, acc, row_a, row_b, ok_a, ok_b, tok_lo, M, F16: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """``acc`` of one n-tile: rows r, r, r+8, r+8 times tokens ``tok_lo, tok_lo + 1`` (twice)."""
+    c0, c1, c2, c3 = acc
+    t0 = tok_lo.to(tl.int64) * stride_om
+    t1 = t0 + stride_om
+    ok0 = tok_lo < M
+    ok1 = (tok_lo + 1) < M
+    if USE_ASM:
+        _st((out_ptr + t0 + row_a).to(tl.int64, bitcast=True), c0, (ok_a & ok0).to(tl.int32), F16)
+        _st((out_ptr + t1 + row_a).to(tl.int64, bitcast=True), c1, (ok_a & ok1).to(tl.int32), F16)
+        _st((out_ptr + t0 + row_b).to(tl.int64, bitcast=True), c2, (ok_b & ok0).to(tl.int32), F16)
+        _st((out_ptr + t1 + row_b).to(tl.int64, bitcast=True), c3, (ok_b & ok1).to(tl.int32), F16)
+    else:
+        ty = out_ptr.dtype.element_ty
+        tl.store(out_ptr + t0 + row_a, c0.to(ty), mask=ok_a & ok0)
+        tl.store(out_ptr + t1 + row_a, c1.to(ty), mask=ok_a & ok1)
+        tl.store(out_ptr + t0 + row_b, c2.to(ty), mask=ok_b & ok0)
+        tl.store(out_ptr + t1 + row_b, c3.to(ty), mask=ok_b & ok1)
+
+
+def mma_applies(x2: torch.Tensor, k: int, group_size: int, block_k: int) -> bool:
+    """Whether :func:`db_mma16_kernel` reads ``x2 [M, K]`` with chunks of ``block_k`` features:
+    fp16, 1 <= M <= 16, K a multiple of the chunk, G a multiple of ``block_k / 4`` (the lane's
+    words share one group), 16-byte aligned rows (asm loads; not checked by the interpreter)."""
+    from .launch import interpreted
+
+    m = x2.shape[0]
+    if x2.dtype != torch.float16 or not 1 <= m <= 16 or k % block_k or block_k not in (64, 128, 256):
+        return False
+    if group_size % (block_k // 4):
+        return False
+    if x2.stride(-1) != 1:
+        return False
+    if interpreted():
+        return True
+    return x2.storage_offset() % 8 == 0 and (m == 1 or x2.stride(0) % 8 == 0)
+
+
+def launch_mma16(x2: torch.Tensor, gw, bias: torch.Tensor | None, cfg, wrap: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 [M, K] -> [M, N]`` with :func:`db_mma16_kernel` (``cfg.kind == "mma"``: ``block_n``
+    rows per program = ``16 * tiles * num_warps``, ``block_k`` features per chunk = ``64 V``).
+    Activations it cannot read (:func:`mma_applies`) run the fused kernel's untuned default."""
+    from .launch import _check_x, _kernel, _output, _split_target, check_config, interpreted, launch_matmul, \
+        triton_cdiv
+    from .splitk import launch_reduce
+    from .tuning import default_config
+
+    _check_x(x2, gw)
+    if cfg.kind != "mma":
+        raise ValueError(f"db_linear (triton): launch_mma16 runs mma configs, got {cfg.short()}; use run_config")
+    check_config(cfg, gw.group_size)
+    m, k = x2.shape
+    n = gw.out_features
+    if not mma_applies(x2, k, gw.group_size, cfg.block_k):
+        return launch_matmul(x2, gw, bias, default_config(m, n, k, gw.group_size), wrap, out)
+    out = _output(x2, n, out)
+    if m == 0:
+        return out
+    bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
+    xp = x2.view(torch.int32)
+    tiles = cfg.block_n // (16 * cfg.num_warps)
+    _kernel(db_mma16_kernel, wrap)[(triton_cdiv(n, cfg.block_n), splits)](
+        xp, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
+        m, n, k, per_split if splits > 1 else 1,
+        xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
+        GROUP=gw.group_size, TILES=tiles, V=cfg.block_k // 64, NJ=1 if m <= 8 else 2, NWARPS=cfg.num_warps,
+        HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
+        SPLIT_K=1 if splits == 1 else cfg.split_k, num_warps=cfg.num_warps, num_stages=1,
+    )
+    if splits > 1:
+        launch_reduce(dst, bias, out, wrap)
+    return out
