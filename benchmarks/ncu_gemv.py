@@ -1,4 +1,4 @@
-"""Run one layer's M = 1 linear three times with a given config, for Nsight Compute.
+"""Run one layer's linear (M = 1 unless ``--m``) three times with a given config, for Nsight Compute.
 
     ncu -k regex:db_gemv_kernel --launch-skip 1 --launch-count 1 --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section SchedulerStats \
@@ -20,12 +20,13 @@ from dbllm_compile.backends.triton.launch import KernelConfig, run_config  # noq
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("shape", help="N x K, e.g. 12288x4096")
-ap.add_argument("config", help="a gemv or fused config name, e.g. gemv8x512w1s3")
+ap.add_argument("config", help="a gemv, fused or mma config name, e.g. gemv8x512w1s3")
+ap.add_argument("--m", type=int, default=1, help="rows of x (default 1)")
 args = ap.parse_args()
 n, k = map(int, args.shape.split("x"))
 cfg = KernelConfig.parse(args.config)
 gw = random_gpu_weights(n, k, torch.float16)
-x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
 for _ in range(3):
     run_config(x, gw, None, cfg)
 torch.cuda.synchronize()

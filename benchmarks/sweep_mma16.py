@@ -25,6 +25,7 @@ from benchmarks.bench_kernels import copy_bandwidth, graph_ms, machine_info, n_l
 from dbllm_compile.backends.triton import tuning  # noqa: E402
 from dbllm_compile.backends.triton.launch import KernelConfig, run_config  # noqa: E402
 from dbllm_compile.backends.triton.layout import dequantize_gpu_layout  # noqa: E402
+from dbllm_compile.backends.triton.mma16 import launch_mma16  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", type=Path, required=True)
@@ -34,6 +35,8 @@ ap.add_argument("--rows", default="64,128,256", help="weight rows per program (1
 ap.add_argument("--bk", default="128,256")
 ap.add_argument("--warps", default="4,8")
 ap.add_argument("--splits", default="1,2,4")
+ap.add_argument("--prefetch-x", default="1,0")
+ap.add_argument("--l2pf", default="0,256", help="L2 prefetch sizes of the code-word loads (bytes, 0 = none)")
 ap.add_argument("--no-fused", action="store_true", help="skip the fused candidates")
 args = ap.parse_args()
 args.out.mkdir(parents=True, exist_ok=True)
@@ -58,11 +61,12 @@ for shape in args.shapes.split(","):
         cublas = graph_ms(lambda: [F.linear(x, w) for w in dense]) * 1e3 / lf
         row = {"N": n, "K": k, "M": m, "layers": lq, "q_bytes": q_bytes, "cublas_us": cublas, "fused": {}, "mma": {}}
 
-        def measure(cfg):
+        def measure(cfg, **var):
+            run = (lambda gw: launch_mma16(x, gw, None, cfg, **var)) if var else (lambda gw: run_config(x, gw, None, cfg))
             try:
-                y = run_config(x, layers[0], None, cfg).float()
+                y = run(layers[0]).float()
                 err = ((y - ref).norm() / ref.norm()).item()
-                us = graph_ms(lambda: [run_config(x, gw, None, cfg) for gw in layers]) * 1e3 / lq
+                us = graph_ms(lambda: [run(gw) for gw in layers]) * 1e3 / lq
             except Exception as e:  # a configuration that does not compile or fit
                 return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             gbps = (q_bytes + 2 * m * (k + n)) / (us * 1e-6) / 1e9
@@ -80,7 +84,10 @@ for shape in args.shapes.split(","):
                         continue
                     for sk in ints(args.splits):
                         cfg = KernelConfig(kind="mma", block_n=rows, block_k=bk, num_warps=w, split_k=sk)
-                        row["mma"][cfg.short()] = measure(cfg)
+                        for p in ints(args.prefetch_x):
+                            for pf in ints(args.l2pf):
+                                name = cfg.short() + ("" if p else "-nopx") + (f"-pf{pf}" if pf else "")
+                                row["mma"][name] = measure(cfg, prefetch_x=bool(p), l2pf=pf)
         for kind in ("fused", "mma"):
             ok = {c: v for c, v in row[kind].items() if "us" in v}
             if ok:

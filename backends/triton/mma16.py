@@ -115,27 +115,30 @@ def _ld_f16(addr):
 
 
 @triton.jit
-def _ld_x(x_chunk, tok, M, V: tl.constexpr):
-    """x pairs of the lane's ``V`` words for token ``tok`` (``[1, NT]``; zero for tokens >= M)."""
+def _ld_x(x_chunk, tok, M, V: tl.constexpr, MASK: tl.constexpr):
+    """x pairs of the lane's ``V`` words for token ``tok`` (``[1, NT]``; with ``MASK``, zero for
+    tokens >= M, whose address is a clamped real row)."""
     ok = tok < M
     addr = x_chunk.to(tl.int64, bitcast=True)
-    xa = _x_pairs(addr, ok, 0)
+    xa = _x_pairs(addr, ok, 0, MASK)
     xb = xa
     xc = xa
     xd = xa
     if V >= 2:
-        xb = _x_pairs(addr, ok, 1)
+        xb = _x_pairs(addr, ok, 1, MASK)
     if V == 4:
-        xc = _x_pairs(addr, ok, 2)
-        xd = _x_pairs(addr, ok, 3)
+        xc = _x_pairs(addr, ok, 2, MASK)
+        xd = _x_pairs(addr, ok, 3, MASK)
     return xa, xb, xc, xd
 
 
 @triton.jit
-def _x_pairs(addr, ok, J: tl.constexpr):
-    """Word ``J``'s eight x pairs at ``addr`` (asm), zero where ``ok`` is false."""
+def _x_pairs(addr, ok, J: tl.constexpr, MASK: tl.constexpr):
+    """Word ``J``'s eight x pairs at ``addr`` (asm), zero where ``ok`` is false (``MASK``)."""
     p0, p1, p2, p3, p4, p5, p6, p7 = _ld_x_word(addr, J, False)
-    return _zero_unless(ok, p0, p1, p2, p3, p4, p5, p6, p7)
+    if MASK:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _zero_unless(ok, p0, p1, p2, p3, p4, p5, p6, p7)
+    return p0, p1, p2, p3, p4, p5, p6, p7
 
 
 @triton.jit
@@ -182,13 +185,45 @@ def _ref_chunk(qa, qb, sa, sb, x_ptr, stride_xm, M, tok_lo, c, acc, CK: tl.const
 
 
 @triton.jit
+def _ld_words_pf(addr, V: tl.constexpr, L2PF: tl.constexpr):
+    """:func:`~.gemv_chunk._ld_words` with an L2 prefetch size (``L2PF`` bytes, 0 = none): the
+    lanes of a row read ``16 V`` bytes of it per chunk, so without it consecutive chunks of a row
+    reach DRAM as separate 32-byte sectors one iteration apart."""
+    if L2PF == 0:
+        w0, w1, w2, w3 = _ld_words(addr, V)
+    else:
+        if L2PF == 256:
+            ld: tl.constexpr = "ld.global.nc.L2::256B"
+        elif L2PF == 128:
+            ld: tl.constexpr = "ld.global.nc.L2::128B"
+        else:
+            ld: tl.constexpr = "ld.global.nc.L2::64B"
+        if V == 4:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                ld + ".v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [addr],
+                dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        elif V == 2:
+            w0, w1 = tl.inline_asm_elementwise(ld + ".v2.b32 {$0, $1}, [$2];", "=r,=r,l", [addr],
+                                               dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+            w2 = w0
+            w3 = w0
+        else:
+            w0 = tl.inline_asm_elementwise(ld + ".b32 $0, [$1];", "=r,l", [addr], dtype=tl.int32, is_pure=True,
+                                           pack=1)
+            w1 = w0
+            w2 = w0
+            w3 = w0
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _load_chunk(qa, qb, sa, sb, c, CK: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
-                USE_ASM: tl.constexpr):
+                USE_ASM: tl.constexpr, L2PF: tl.constexpr = 0):
     """Code words and packed scales of chunk ``c`` for rows r and r+8 (asm; zeros in the interpreter,
     whose chunk form loads what it needs itself)."""
     if USE_ASM:
-        wa = _ld_words((qa + c * (CK // 16)).to(tl.int64, bitcast=True), V)
-        wb = _ld_words((qb + c * (CK // 16)).to(tl.int64, bitcast=True), V)
+        wa = _ld_words_pf((qa + c * (CK // 16)).to(tl.int64, bitcast=True), V, L2PF)
+        wb = _ld_words_pf((qb + c * (CK // 16)).to(tl.int64, bitcast=True), V, L2PF)
         sca = _ld32((sa + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
         scb = _ld32((sb + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
     else:
@@ -212,8 +247,14 @@ def db_mma16_kernel(
     stride_xm, stride_qn, stride_sn, stride_om,
     GROUP: tl.constexpr, TILES: tl.constexpr, V: tl.constexpr, NJ: tl.constexpr, NWARPS: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+    PREFETCH_X: tl.constexpr = True, MASK_M: tl.constexpr = True, L2PF: tl.constexpr = 0,
 ):
-    """``out[:M, rows]`` for ``16 * TILES * NWARPS`` weight rows per program; grid ``(row blocks, splits)``."""
+    """``out[:M, rows]`` for ``16 * TILES * NWARPS`` weight rows per program; grid ``(row blocks, splits)``.
+
+    ``PREFETCH_X``: the next chunk's x is loaded with its code words (``16 V NJ`` registers more);
+    ``MASK_M=False`` when ``M == 8 NJ`` (every B-fragment token is real: no selects).
+    ``L2PF``: L2 prefetch size of the code-word loads in bytes (0, 64, 128, 256).
+    """
     NT: tl.constexpr = 32 * NWARPS
     CK: tl.constexpr = 64 * V  # features per chunk
     ROWS: tl.constexpr = 16 * TILES * NWARPS
@@ -251,14 +292,34 @@ def db_mma16_kernel(
     zero = tl.zeros((TILES, NT), dtype=tl.float32)
     acc0 = (zero, zero, zero, zero)
     acc1 = (zero, zero, zero, zero)
-    wa, wb, sca, scb = _load_chunk(qa, qb, sa, sb, c_lo, CK, GROUP, V, USE_ASM)
+    wa, wb, sca, scb = _load_chunk(qa, qb, sa, sb, c_lo, CK, GROUP, V, USE_ASM, L2PF)
+    if USE_ASM:
+        if PREFETCH_X:
+            xa = _ld_x(x0 + c_lo * (CK // 2), tok0, M, V, MASK_M)
+            xb = xa
+            if NJ == 2:
+                xb = _ld_x(x1 + c_lo * (CK // 2), tok0 + 8, M, V, MASK_M)
     for c in range(c_lo, c_hi):
         # the next chunk's words and scales (the last iteration re-reads its own chunk)
-        nwa, nwb, nsca, nscb = _load_chunk(qa, qb, sa, sb, tl.minimum(c + 1, c_hi - 1), CK, GROUP, V, USE_ASM)
+        c_next = tl.minimum(c + 1, c_hi - 1)
+        nwa, nwb, nsca, nscb = _load_chunk(qa, qb, sa, sb, c_next, CK, GROUP, V, USE_ASM, L2PF)
         if USE_ASM:
-            acc0 = _chunk_mma(wa, wb, sca, scb, _ld_x(x0 + c * (CK // 2), tok0, M, V), acc0, V)
+            if PREFETCH_X:
+                nxa = _ld_x(x0 + c_next * (CK // 2), tok0, M, V, MASK_M)
+                nxb = nxa
+                if NJ == 2:
+                    nxb = _ld_x(x1 + c_next * (CK // 2), tok0 + 8, M, V, MASK_M)
+            else:
+                xa = _ld_x(x0 + c * (CK // 2), tok0, M, V, MASK_M)
+                xb = xa
+                if NJ == 2:
+                    xb = _ld_x(x1 + c * (CK // 2), tok0 + 8, M, V, MASK_M)
+            acc0 = _chunk_mma(wa, wb, sca, scb, xa, acc0, V)
             if NJ == 2:
-                acc1 = _chunk_mma(wa, wb, sca, scb, _ld_x(x1 + c * (CK // 2), tok0 + 8, M, V), acc1, V)
+                acc1 = _chunk_mma(wa, wb, sca, scb, xb, acc1, V)
+            if PREFETCH_X:
+                xa = nxa
+                xb = nxb
         else:
             acc0 = _ref_chunk(qa, qb, sa, sb, x_ptr, stride_xm, M, tok_lo, c, acc0, CK, GROUP)
             if NJ == 2:
@@ -322,10 +383,12 @@ def mma_applies(x2: torch.Tensor, k: int, group_size: int, block_k: int) -> bool
 
 
 def launch_mma16(x2: torch.Tensor, gw, bias: torch.Tensor | None, cfg, wrap: bool = False,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, prefetch_x: bool = True, l2pf: int = 0) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with :func:`db_mma16_kernel` (``cfg.kind == "mma"``: ``block_n``
     rows per program = ``16 * tiles * num_warps``, ``block_k`` features per chunk = ``64 V``).
-    Activations it cannot read (:func:`mma_applies`) run the fused kernel's untuned default."""
+    Activations it cannot read (:func:`mma_applies`) run the fused kernel's untuned default.
+    ``prefetch_x`` / ``l2pf``: the kernel's ``PREFETCH_X`` / ``L2PF`` (for sweeps; the defaults are
+    the swept choice)."""
     from .launch import _check_x, _kernel, _output, _split_target, check_config, interpreted, launch_matmul, \
         triton_cdiv
     from .splitk import launch_reduce
@@ -351,7 +414,8 @@ def launch_mma16(x2: torch.Tensor, gw, bias: torch.Tensor | None, cfg, wrap: boo
         xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
         GROUP=gw.group_size, TILES=tiles, V=cfg.block_k // 64, NJ=1 if m <= 8 else 2, NWARPS=cfg.num_warps,
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
-        SPLIT_K=1 if splits == 1 else cfg.split_k, num_warps=cfg.num_warps, num_stages=1,
+        SPLIT_K=1 if splits == 1 else cfg.split_k, PREFETCH_X=prefetch_x, MASK_M=m % 8 != 0, L2PF=l2pf,
+        num_warps=cfg.num_warps, num_stages=1,
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)
