@@ -11,7 +11,6 @@ the decoded weights (relative error). Writes ``DIR/sweep_mma16.json`` after each
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ ap.add_argument("--bk", default="128,256")
 ap.add_argument("--warps", default="4,8")
 ap.add_argument("--splits", default="1,2,4")
 ap.add_argument("--prefetch-x", default="1,0")
-ap.add_argument("--l2pf", default="0,256", help="L2 prefetch sizes of the code-word loads (bytes, 0 = none)")
+ap.add_argument("--l2pf", default="0", help="L2 prefetch sizes of the code-word loads (bytes, 0 = none)")
+ap.add_argument("--maxnreg", default="0", help="register caps per thread (0 = none)")
 ap.add_argument("--no-fused", action="store_true", help="skip the fused candidates")
 args = ap.parse_args()
 args.out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,9 @@ for shape in args.shapes.split(","):
             except Exception as e:  # a configuration that does not compile or fit
                 return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             gbps = (q_bytes + 2 * m * (k + n)) / (us * 1e-6) / 1e9
-            return {"us": round(us, 2), "speedup": round(cublas / us, 3), "pct_copy": round(100 * gbps * 1e9 / info["copy_GBps"] / 1e9, 1),
+            last = getattr(launch_mma16, "last", None) if var else None
+            regs = {"regs": getattr(last, "n_regs", None), "spills": getattr(last, "n_spills", None)} if last else {}
+            return {**regs, "us": round(us, 2), "speedup": round(cublas / us, 3), "pct_copy": round(100 * gbps * 1e9 / info["copy_GBps"] / 1e9, 1),
                     "rel_err": err}
 
         if not args.no_fused:
@@ -86,8 +88,10 @@ for shape in args.shapes.split(","):
                         cfg = KernelConfig(kind="mma", block_n=rows, block_k=bk, num_warps=w, split_k=sk)
                         for p in ints(args.prefetch_x):
                             for pf in ints(args.l2pf):
-                                name = cfg.short() + ("" if p else "-nopx") + (f"-pf{pf}" if pf else "")
-                                row["mma"][name] = measure(cfg, prefetch_x=bool(p), l2pf=pf)
+                                for mr in ints(args.maxnreg):
+                                    name = (cfg.short() + ("" if p else "-nopx") + (f"-pf{pf}" if pf else "")
+                                            + (f"-r{mr}" if mr else ""))
+                                    row["mma"][name] = measure(cfg, prefetch_x=bool(p), l2pf=pf, maxnreg=mr or None)
         for kind in ("fused", "mma"):
             ok = {c: v for c, v in row[kind].items() if "us" in v}
             if ok:
@@ -95,6 +99,9 @@ for shape in args.shapes.split(","):
                 row[f"best_{kind}"] = best
                 print(f"{n}x{k} M={m}: cuBLAS {cublas:.1f} us; best {kind} {best} {ok[best]['us']:.1f} us "
                       f"{ok[best]['speedup']:.2f}x {ok[best]['pct_copy']:.0f}% copy err {ok[best]['rel_err']:.1e}", flush=True)
+        for c, v in sorted(row["mma"].items(), key=lambda cv: cv[1].get("us", 1e9))[:12]:
+            print(f"   {c}: {v.get('us')} us, {v.get('pct_copy')}% copy, regs {v.get('regs')} spills {v.get('spills')}",
+                  flush=True)
         bad = {c: v for c, v in row["mma"].items() if "error" in v or v["rel_err"] > 2e-3}
         if bad:
             print(f"  mma failures/errors: {json.dumps(bad)[:1500]}", flush=True)

@@ -383,12 +383,14 @@ def mma_applies(x2: torch.Tensor, k: int, group_size: int, block_k: int) -> bool
 
 
 def launch_mma16(x2: torch.Tensor, gw, bias: torch.Tensor | None, cfg, wrap: bool = False,
-                 out: torch.Tensor | None = None, prefetch_x: bool = True, l2pf: int = 0) -> torch.Tensor:
+                 out: torch.Tensor | None = None, prefetch_x: bool = True, l2pf: int = 0,
+                 maxnreg: int | None = None) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with :func:`db_mma16_kernel` (``cfg.kind == "mma"``: ``block_n``
     rows per program = ``16 * tiles * num_warps``, ``block_k`` features per chunk = ``64 V``).
     Activations it cannot read (:func:`mma_applies`) run the fused kernel's untuned default.
-    ``prefetch_x`` / ``l2pf``: the kernel's ``PREFETCH_X`` / ``L2PF`` (for sweeps; the defaults are
-    the swept choice)."""
+    ``prefetch_x`` / ``l2pf``: the kernel's ``PREFETCH_X`` / ``L2PF``; ``maxnreg``: a register cap per
+    thread (for sweeps; the defaults are the swept choice). The compiled kernel of the last launch
+    is kept in ``launch_mma16.last`` (register counts for sweeps)."""
     from .launch import _check_x, _kernel, _output, _split_target, check_config, interpreted, launch_matmul, \
         triton_cdiv
     from .splitk import launch_reduce
@@ -408,15 +410,18 @@ def launch_mma16(x2: torch.Tensor, gw, bias: torch.Tensor | None, cfg, wrap: boo
     bias, per_split, splits, dst = _split_target(x2, bias, out, cfg)
     xp = x2.view(torch.int32)
     tiles = cfg.block_n // (16 * cfg.num_warps)
-    _kernel(db_mma16_kernel, wrap)[(triton_cdiv(n, cfg.block_n), splits)](
+    launch_mma16.last = _kernel(db_mma16_kernel, wrap)[(triton_cdiv(n, cfg.block_n), splits)](
         xp, gw.qweight, gw.scales, bias if bias is not None else gw.scales, dst,
         m, n, k, per_split if splits > 1 else 1,
         xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
         GROUP=gw.group_size, TILES=tiles, V=cfg.block_k // 64, NJ=1 if m <= 8 else 2, NWARPS=cfg.num_warps,
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
         SPLIT_K=1 if splits == 1 else cfg.split_k, PREFETCH_X=prefetch_x, MASK_M=m % 8 != 0, L2PF=l2pf,
-        num_warps=cfg.num_warps, num_stages=1,
+        num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg and not interpreted() else {}),
     )
     if splits > 1:
         launch_reduce(dst, bias, out, wrap)
     return out
+
+
+launch_mma16.last = None
