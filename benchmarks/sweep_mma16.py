@@ -37,6 +37,7 @@ ap.add_argument("--splits", default="1,2,4")
 ap.add_argument("--prefetch-x", default="1,0")
 ap.add_argument("--l2pf", default="0", help="L2 prefetch sizes of the code-word loads (bytes, 0 = none)")
 ap.add_argument("--maxnreg", default="0", help="register caps per thread (0 = none)")
+ap.add_argument("--strided", default="0,1", help="the kernel's STRIDED lane-word order (0, 1 or both)")
 ap.add_argument("--no-fused", action="store_true", help="skip the fused candidates")
 args = ap.parse_args()
 args.out.mkdir(parents=True, exist_ok=True)
@@ -89,9 +90,11 @@ for shape in args.shapes.split(","):
                         for p in ints(args.prefetch_x):
                             for pf in ints(args.l2pf):
                                 for mr in ints(args.maxnreg):
-                                    name = (cfg.short() + ("" if p else "-nopx") + (f"-pf{pf}" if pf else "")
-                                            + (f"-r{mr}" if mr else ""))
-                                    row["mma"][name] = measure(cfg, prefetch_x=bool(p), l2pf=pf, maxnreg=mr or None)
+                                    for st in ints(args.strided):
+                                        name = (cfg.short() + ("" if p else "-nopx") + (f"-pf{pf}" if pf else "")
+                                                + (f"-r{mr}" if mr else "") + ("-str" if st else ""))
+                                        row["mma"][name] = measure(cfg, prefetch_x=bool(p), l2pf=pf, maxnreg=mr or None,
+                                                                   strided=bool(st))
         for kind in ("fused", "mma"):
             ok = {c: v for c, v in row[kind].items() if "us" in v}
             if ok:

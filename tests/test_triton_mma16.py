@@ -3,7 +3,8 @@
 Without a GPU: Triton's interpreter, whose path computes every accumulator element from whole
 code words (rows, tokens, chunks, splits, bias and stores; not the ``mma.sync`` fragment
 layout). On a GPU: the inline-PTX path on the issue's shapes and odd ones (N not a multiple of
-the block, K = one chunk, G = 32/64/128), every M from 1 to 16, split-K, bias, a row-stride
+the block, K = one chunk, G = 32/64/128), M from 1 to 16, split-K, bias, both lane-word orders
+(``strided``), a row-stride
 output, and inputs the kernel cannot read (the fused kernel runs then). Same tolerance as the
 other kernels (``triton_setup.assert_close``).
 """
@@ -62,7 +63,7 @@ def test_mma16_matches_reference(n, k, g):
                 continue
             with_bias = i % 2 == 0
             i += 1
-            y = launch_mma16(x, gw, bias if with_bias else None, cfg)
+            y = launch_mma16(x, gw, bias if with_bias else None, cfg, strided=GPU and i % 3 == 0)
             assert y.shape == (m, n) and y.dtype == torch.float16
             assert_close(y, ref if with_bias else ref_nb, torch.float16)
     assert i

@@ -115,9 +115,10 @@ def _ld_f16(addr):
 
 
 @triton.jit
-def _ld_x(x_chunk, tok, M, V: tl.constexpr, MASK: tl.constexpr):
+def _ld_x(x_chunk, tok, M, V: tl.constexpr, MASK: tl.constexpr, STRIDED: tl.constexpr):
     """x pairs of the lane's ``V`` words for token ``tok`` (``[1, NT]``; with ``MASK``, zero for
-    tokens >= M, whose address is a clamped real row)."""
+    tokens >= M, whose address is a clamped real row). Word ``J`` of the lane is ``32 J`` bytes
+    after the first (``STRIDED``: ``128 J``)."""
     ok = tok < M
     addr = x_chunk.to(tl.int64, bitcast=True)
     xa = _x_pairs(addr, ok, 0, MASK)
@@ -125,17 +126,20 @@ def _ld_x(x_chunk, tok, M, V: tl.constexpr, MASK: tl.constexpr):
     xc = xa
     xd = xa
     if V >= 2:
-        xb = _x_pairs(addr, ok, 1, MASK)
+        xb = _x_pairs(addr, ok, 4 if STRIDED else 1, MASK)
     if V == 4:
-        xc = _x_pairs(addr, ok, 2, MASK)
-        xd = _x_pairs(addr, ok, 3, MASK)
+        xc = _x_pairs(addr, ok, 8 if STRIDED else 2, MASK)
+        xd = _x_pairs(addr, ok, 12 if STRIDED else 3, MASK)
     return xa, xb, xc, xd
 
 
 @triton.jit
-def _x_pairs(addr, ok, J: tl.constexpr, MASK: tl.constexpr):
-    """Word ``J``'s eight x pairs at ``addr`` (asm), zero where ``ok`` is false (``MASK``)."""
-    p0, p1, p2, p3, p4, p5, p6, p7 = _ld_x_word(addr, J, False)
+def _x_pairs(addr, ok, W: tl.constexpr, MASK: tl.constexpr):
+    """The eight x pairs of the word ``W`` words after ``addr`` (asm), zero where ``ok`` is false (``MASK``)."""
+    if W < 4:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _ld_x_word(addr, W, False)
+    else:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _ld_x_word(addr + 32 * W, 0, False)
     if MASK:
         p0, p1, p2, p3, p4, p5, p6, p7 = _zero_unless(ok, p0, p1, p2, p3, p4, p5, p6, p7)
     return p0, p1, p2, p3, p4, p5, p6, p7
@@ -143,16 +147,21 @@ def _x_pairs(addr, ok, J: tl.constexpr, MASK: tl.constexpr):
 
 @triton.jit
 def _chunk_mma(wa, wb, sca, scb, xj, acc, V: tl.constexpr):
-    """One chunk of one n-tile: decode the lane's words of rows r and r+8, ``4 V`` mmas."""
-    la_lo, la_hi = _packed_luts(sca)
-    lb_lo, lb_hi = _packed_luts(scb)
-    acc = _word_mma(_word_pairs(wa[0], la_lo, la_hi), _word_pairs(wb[0], lb_lo, lb_hi), xj[0], acc)
+    """One chunk of one n-tile: decode the lane's words of rows r and r+8 (word ``J`` with the
+    packed scales ``sca[J]`` / ``scb[J]``), ``4 V`` mmas."""
+    acc = _word_mma(_pairs_of(wa, sca, 0), _pairs_of(wb, scb, 0), xj[0], acc)
     if V >= 2:
-        acc = _word_mma(_word_pairs(wa[1], la_lo, la_hi), _word_pairs(wb[1], lb_lo, lb_hi), xj[1], acc)
+        acc = _word_mma(_pairs_of(wa, sca, 1), _pairs_of(wb, scb, 1), xj[1], acc)
     if V == 4:
-        acc = _word_mma(_word_pairs(wa[2], la_lo, la_hi), _word_pairs(wb[2], lb_lo, lb_hi), xj[2], acc)
-        acc = _word_mma(_word_pairs(wa[3], la_lo, la_hi), _word_pairs(wb[3], lb_lo, lb_hi), xj[3], acc)
+        acc = _word_mma(_pairs_of(wa, sca, 2), _pairs_of(wb, scb, 2), xj[2], acc)
+        acc = _word_mma(_pairs_of(wa, sca, 3), _pairs_of(wb, scb, 3), xj[3], acc)
     return acc
+
+
+@triton.jit
+def _pairs_of(w, sc, J: tl.constexpr):
+    lut_lo, lut_hi = _packed_luts(sc[J])
+    return _word_pairs(w[J], lut_lo, lut_hi)
 
 
 @triton.jit
@@ -218,21 +227,61 @@ def _ld_words_pf(addr, V: tl.constexpr, L2PF: tl.constexpr):
 
 @triton.jit
 def _load_chunk(qa, qb, sa, sb, c, CK: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
-                USE_ASM: tl.constexpr, L2PF: tl.constexpr = 0):
-    """Code words and packed scales of chunk ``c`` for rows r and r+8 (asm; zeros in the interpreter,
-    whose chunk form loads what it needs itself)."""
+                USE_ASM: tl.constexpr, L2PF: tl.constexpr = 0, STRIDED: tl.constexpr = False):
+    """Code words and packed scales (one per word) of chunk ``c`` for rows r and r+8 (asm; zeros in
+    the interpreter, whose chunk form loads what it needs itself). ``STRIDED``: the lane's words
+    are 4 apart (one 4-byte load and one group each), else consecutive (one load, one group)."""
     if USE_ASM:
-        wa = _ld_words_pf((qa + c * (CK // 16)).to(tl.int64, bitcast=True), V, L2PF)
-        wb = _ld_words_pf((qb + c * (CK // 16)).to(tl.int64, bitcast=True), V, L2PF)
-        sca = _ld32((sa + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
-        scb = _ld32((sb + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
+        if STRIDED:
+            wa = _ld_strided((qa + c * (CK // 16)).to(tl.int64, bitcast=True), V)
+            wb = _ld_strided((qb + c * (CK // 16)).to(tl.int64, bitcast=True), V)
+            sca = _ld_scales((sa + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True), V, GROUP)
+            scb = _ld_scales((sb + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True), V, GROUP)
+        else:
+            wa = _ld_words_pf((qa + c * (CK // 16)).to(tl.int64, bitcast=True), V, L2PF)
+            wb = _ld_words_pf((qb + c * (CK // 16)).to(tl.int64, bitcast=True), V, L2PF)
+            s_a = _ld32((sa + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
+            s_b = _ld32((sb + ((c * CK) // GROUP) * 2).to(tl.int64, bitcast=True))
+            sca = (s_a, s_a, s_a, s_a)
+            scb = (s_b, s_b, s_b, s_b)
     else:
         z = tl.zeros(qa.shape, dtype=tl.int32)
         wa = (z, z, z, z)
         wb = wa
-        sca = z
-        scb = z
+        sca = wa
+        scb = wa
     return wa, wb, sca, scb
+
+
+@triton.jit
+def _ld_strided(addr, V: tl.constexpr):
+    """Words 0, 4, 8, 12 (the first ``V``) after each address."""
+    w0 = _ld32(addr)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if V >= 2:
+        w1 = _ld32(addr + 16)
+    if V == 4:
+        w2 = _ld32(addr + 32)
+        w3 = _ld32(addr + 48)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _ld_scales(addr, V: tl.constexpr, GROUP: tl.constexpr):
+    """Packed scales of words 0, 4, 8, 12 after the word whose group's scales are at ``addr``
+    (word ``4 J`` is ``64 J / G`` groups on: 4 bytes per group)."""
+    s0 = _ld32(addr)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    if V >= 2:
+        s1 = _ld32(addr + 4 * (64 // GROUP))
+    if V == 4:
+        s2 = _ld32(addr + 4 * (128 // GROUP))
+        s3 = _ld32(addr + 4 * (192 // GROUP))
+    return s0, s1, s2, s3
 
 
 @triton.jit
@@ -248,12 +297,17 @@ def db_mma16_kernel(
     GROUP: tl.constexpr, TILES: tl.constexpr, V: tl.constexpr, NJ: tl.constexpr, NWARPS: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr = 1,
     PREFETCH_X: tl.constexpr = True, MASK_M: tl.constexpr = True, L2PF: tl.constexpr = 0,
+    STRIDED: tl.constexpr = False,
 ):
     """``out[:M, rows]`` for ``16 * TILES * NWARPS`` weight rows per program; grid ``(row blocks, splits)``.
 
     ``PREFETCH_X``: the next chunk's x is loaded with its code words (``16 V NJ`` registers more);
     ``MASK_M=False`` when ``M == 8 NJ`` (every B-fragment token is real: no selects).
     ``L2PF``: L2 prefetch size of the code-word loads in bytes (0, 64, 128, 256).
+    ``STRIDED``: lane ``q`` takes words ``q, q + 4, ...`` of the chunk instead of ``qV .. qV + V - 1``:
+    then for each of its x loads the four lanes of a quad read 64 contiguous bytes of one token (one
+    128-byte line; consecutive words: four 16-byte pieces ``32 V`` bytes apart), for a 4-byte
+    code-word load and a scale load per word.
     """
     NT: tl.constexpr = 32 * NWARPS
     CK: tl.constexpr = 64 * V  # features per chunk
@@ -275,45 +329,47 @@ def db_mma16_kernel(
         c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, n_chunks)
         out_ptr += pid_k.to(tl.int64) * M * N
     if USE_ASM:  # the lane's first word and its group, per row
-        qa = qw_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_qn + q * V
-        qb = qw_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_qn + q * V
-        sa = sc_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_sn + ((q * 16 * V) // GROUP) * 2
-        sb = sc_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_sn + ((q * 16 * V) // GROUP) * 2
+        LW: tl.constexpr = 1 if STRIDED else V  # words between the first words of lanes q and q + 1
+        qa = qw_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_qn + q * LW
+        qb = qw_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_qn + q * LW
+        sa = sc_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_sn + ((q * 16 * LW) // GROUP) * 2
+        sb = sc_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_sn + ((q * 16 * LW) // GROUP) * 2
     else:  # whole rows
         qa = qw_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_qn
         qb = qw_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_qn
         sa = sc_ptr + tl.minimum(row_a, N - 1).to(tl.int64) * stride_sn
         sb = sc_ptr + tl.minimum(row_b, N - 1).to(tl.int64) * stride_sn
     tok0 = r  # B-fragment token of n-tile 0 (tile 1: r + 8)
-    x0 = x_ptr + tl.minimum(tok0, M - 1).to(tl.int64) * stride_xm + q * (8 * V)  # lane's pairs in chunk 0
-    x1 = x_ptr + tl.minimum(tok0 + 8, M - 1).to(tl.int64) * stride_xm + q * (8 * V)
+    XW: tl.constexpr = 8 if STRIDED else 8 * V  # x pairs between the first words of lanes q and q + 1
+    x0 = x_ptr + tl.minimum(tok0, M - 1).to(tl.int64) * stride_xm + q * XW  # lane's pairs in chunk 0
+    x1 = x_ptr + tl.minimum(tok0 + 8, M - 1).to(tl.int64) * stride_xm + q * XW
     tok_lo = 2 * q  # accumulator tokens of n-tile 0: 2q, 2q + 1 (n-tile 1: + 8)
 
     zero = tl.zeros((TILES, NT), dtype=tl.float32)
     acc0 = (zero, zero, zero, zero)
     acc1 = (zero, zero, zero, zero)
-    wa, wb, sca, scb = _load_chunk(qa, qb, sa, sb, c_lo, CK, GROUP, V, USE_ASM, L2PF)
+    wa, wb, sca, scb = _load_chunk(qa, qb, sa, sb, c_lo, CK, GROUP, V, USE_ASM, L2PF, STRIDED)
     if USE_ASM:
         if PREFETCH_X:
-            xa = _ld_x(x0 + c_lo * (CK // 2), tok0, M, V, MASK_M)
+            xa = _ld_x(x0 + c_lo * (CK // 2), tok0, M, V, MASK_M, STRIDED)
             xb = xa
             if NJ == 2:
-                xb = _ld_x(x1 + c_lo * (CK // 2), tok0 + 8, M, V, MASK_M)
+                xb = _ld_x(x1 + c_lo * (CK // 2), tok0 + 8, M, V, MASK_M, STRIDED)
     for c in range(c_lo, c_hi):
         # the next chunk's words and scales (the last iteration re-reads its own chunk)
         c_next = tl.minimum(c + 1, c_hi - 1)
-        nwa, nwb, nsca, nscb = _load_chunk(qa, qb, sa, sb, c_next, CK, GROUP, V, USE_ASM, L2PF)
+        nwa, nwb, nsca, nscb = _load_chunk(qa, qb, sa, sb, c_next, CK, GROUP, V, USE_ASM, L2PF, STRIDED)
         if USE_ASM:
             if PREFETCH_X:
-                nxa = _ld_x(x0 + c_next * (CK // 2), tok0, M, V, MASK_M)
+                nxa = _ld_x(x0 + c_next * (CK // 2), tok0, M, V, MASK_M, STRIDED)
                 nxb = nxa
                 if NJ == 2:
-                    nxb = _ld_x(x1 + c_next * (CK // 2), tok0 + 8, M, V, MASK_M)
+                    nxb = _ld_x(x1 + c_next * (CK // 2), tok0 + 8, M, V, MASK_M, STRIDED)
             else:
-                xa = _ld_x(x0 + c * (CK // 2), tok0, M, V, MASK_M)
+                xa = _ld_x(x0 + c * (CK // 2), tok0, M, V, MASK_M, STRIDED)
                 xb = xa
                 if NJ == 2:
-                    xb = _ld_x(x1 + c * (CK // 2), tok0 + 8, M, V, MASK_M)
+                    xb = _ld_x(x1 + c * (CK // 2), tok0 + 8, M, V, MASK_M, STRIDED)
             acc0 = _chunk_mma(wa, wb, sca, scb, xa, acc0, V)
             if NJ == 2:
                 acc1 = _chunk_mma(wa, wb, sca, scb, xb, acc1, V)
@@ -384,11 +440,11 @@ def mma_applies(x2: torch.Tensor, k: int, group_size: int, block_k: int) -> bool
 
 def launch_mma16(x2: torch.Tensor, gw, bias: torch.Tensor | None, cfg, wrap: bool = False,
                  out: torch.Tensor | None = None, prefetch_x: bool = True, l2pf: int = 0,
-                 maxnreg: int | None = None) -> torch.Tensor:
+                 maxnreg: int | None = None, strided: bool = False) -> torch.Tensor:
     """``x2 [M, K] -> [M, N]`` with :func:`db_mma16_kernel` (``cfg.kind == "mma"``: ``block_n``
     rows per program = ``16 * tiles * num_warps``, ``block_k`` features per chunk = ``64 V``).
     Activations it cannot read (:func:`mma_applies`) run the fused kernel's untuned default.
-    ``prefetch_x`` / ``l2pf``: the kernel's ``PREFETCH_X`` / ``L2PF``; ``maxnreg``: a register cap per
+    ``prefetch_x`` / ``l2pf`` / ``strided``: the kernel's ``PREFETCH_X`` / ``L2PF`` / ``STRIDED``; ``maxnreg``: a register cap per
     thread (for sweeps; the defaults are the swept choice). The compiled kernel of the last launch
     is kept in ``launch_mma16.last`` (register counts for sweeps)."""
     from .launch import _check_x, _kernel, _output, _split_target, check_config, interpreted, launch_matmul, \
@@ -416,7 +472,7 @@ def launch_mma16(x2: torch.Tensor, gw, bias: torch.Tensor | None, cfg, wrap: boo
         xp.stride(0) if m > 1 else 0, gw.qweight.stride(0), gw.scales.stride(0), dst.stride(-2),
         GROUP=gw.group_size, TILES=tiles, V=cfg.block_k // 64, NJ=1 if m <= 8 else 2, NWARPS=cfg.num_warps,
         HAS_BIAS=bias is not None and splits == 1, USE_ASM=not interpreted(),
-        SPLIT_K=1 if splits == 1 else cfg.split_k, PREFETCH_X=prefetch_x, MASK_M=m % 8 != 0, L2PF=l2pf,
+        SPLIT_K=1 if splits == 1 else cfg.split_k, PREFETCH_X=prefetch_x, MASK_M=m % 8 != 0, L2PF=l2pf, STRIDED=strided,
         num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg and not interpreted() else {}),
     )
     if splits > 1:
