@@ -253,8 +253,9 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, l2: int, copy_bw: flo
             best = min(timed, key=timed.get)
             r["unsplit_config"] = best.short()
             r["unsplit_us"] = graph_ms(lambda: [run_config(x, gw, None, best) for gw in layers]) * 1e3 / lq
-    if m == 1:  # the best tensor-core and the best gemv configuration, each on the same stack
-        for kind, key in (("fused", "tc"), ("gemv", "gemv"), ("gemvc", "gemvc")):
+    if m <= 16:  # the best configuration of each kernel kind (tensor-core fused, gemvs, mma), same stack
+        kinds = (("fused", "tc"), ("gemv", "gemv"), ("gemvc", "gemvc")) if m == 1 else (("fused", "tc"), ("mma", "mma"))
+        for kind, key in kinds:
             timed = {c: cand[c.short()] for c in tuning.candidates(m, n, k, G, dtype=dtype)
                      if c.kind == kind and not math.isnan(cand.get(c.short(), math.nan))}
             if timed:
@@ -420,7 +421,7 @@ def main() -> None:
                   f"({r['config']})  x{r['speedup']:.2f}  {r['ours_GBps']:6.0f} GB/s ({r['ours_pct_copy']:.0f}% copy)"
                   f"  tune {r['first_call_s']:.1f} s  err {r['rel_err']:.1e}" + (f"  fused {r['fused_us']:.1f} us ({r['fused_config']})" if "fused_us" in r else "")
                   + (f"  unsplit {r['unsplit_us']:.1f} us ({r['unsplit_config']})" if "unsplit_us" in r else "")
-                  + "".join(f"  {key} {r[key + '_us']:.1f} us ({r[key + '_config']})" for key in ("tc", "gemv", "gemvc")
+                  + "".join(f"  {key} {r[key + '_us']:.1f} us ({r[key + '_config']})" for key in ("tc", "gemv", "gemvc", "mma")
                             if key + "_us" in r),
                   flush=True)
             if "gemlite_us" in r:

@@ -160,6 +160,11 @@ _GEMV_SPLITS = (1, 2, 4)
 # sweep (benchmarks/sweep_gemv_chunk.py, 2026-11-25; raw benchmarks/results/gemv_chunk_h100_2026-11-25/).
 _GEMVC = [(16, 2048, 2, 3), (8, 2048, 1, 3), (8, 2048, 2, 3), (4, 2048, 1, 3), (16, 1024, 1, 3)]
 
+# The mma kernel (:mod:`.mma16`, kind ``mma``, 2 <= M <= 16, fp16): (rows per program, chunk,
+# warps, split_k), the fastest of the H100 sweep on 28672 x 8192 and 8192 x 8192 at M = 16
+# (benchmarks/sweep_mma16.py, 2026-11-25; kernels.md "The mma kernel").
+_MMA = [(256, 128, 4, 2), (256, 128, 4, 4), (128, 128, 4, 4), (128, 128, 4, 2), (128, 256, 4, 4)]
+
 
 def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
                dtype: torch.dtype | None = None) -> list[KernelConfig]:
@@ -169,7 +174,9 @@ def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
     word gemv's (``_GEMV`` x ``_GEMV_SPLITS``, the splits that K's tiles allow: 27 on the Llama
     shapes, 12 for K = 576 and 18 for K = 1536 with G = 64) and the chunk gemv's (``_GEMVC`` x
     the same splits), unless ``DBLLM_TRITON_GEMV=0`` (neither) or ``DBLLM_TRITON_GEMVC=0`` (no
-    chunk gemv), for before/after timings.
+    chunk gemv), for before/after timings. ``2 <= m <= 16`` with fp16 adds the mma kernel's
+    ``_MMA`` (unless ``DBLLM_TRITON_MMA=0``), whose launcher runs the fused default where it
+    cannot read x.
 
     Decode (``m <= 16``): the block configurations of ``_DECODE`` without split, then split-K
     versions of ``_SPLIT_BASES`` (``_SMALL_SPLIT_BASES`` for layers whose ``N/64 x K/256``
@@ -193,6 +200,9 @@ def candidates(m: int, n: int, k: int, g: int, sms: int | None = None,
             if os.environ.get("DBLLM_TRITON_GEMVC", "1") != "0":
                 c += [F(kind="gemvc", block_n=bn, block_k=bk, num_warps=w, num_stages=s, split_k=sk)
                       for bn, bk, w, s in _GEMVC for sk in _GEMV_SPLITS if split_plan(k, bk, sk)[1] == sk]
+        if m >= 2 and dtype in (None, torch.float16) and os.environ.get("DBLLM_TRITON_MMA", "1") != "0":
+            c += [F(kind="mma", block_n=bn, block_k=bk, num_warps=w, split_k=sk) for bn, bk, w, sk in _MMA
+                  if k % bk == 0 and split_plan(k, bk, sk)[1] == sk]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
         c = [F(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in [
