@@ -72,8 +72,12 @@ def test_default_split_k_follows_the_sm_count_and_split_length():
 @pytest.mark.parametrize("nk", list(BENCH_SHAPES), ids=[f"{n}x{k}" for n, k in BENCH_SHAPES])
 def test_decode_candidates(nk):
     n, k = nk
-    cands = tuning.candidates(16, n, k, 64, sms=132)
-    assert cands == tuning.candidates(1, n, k, 64, sms=132, dtype=torch.bfloat16)  # gemvs: fp16, M = 1 only
+    cands = tuning.candidates(1, n, k, 64, sms=132, dtype=torch.bfloat16)  # the fused kernel's (gemvs: fp16, M = 1)
+    assert tuning.candidates(16, n, k, 64, sms=132, dtype=torch.bfloat16) == cands
+    m16 = tuning.candidates(16, n, k, 64, sms=132)  # fp16, 2 <= M <= 16: the mma kernel's after the fused ones
+    assert m16[:len(cands)] == cands and {c.kind for c in m16[len(cands):]} == ({"mma"} if k % 128 == 0 else set())
+    assert all(k % c.block_k == 0 and splitk.split_plan(k, c.block_k, c.split_k)[1] == c.split_k
+               for c in m16[len(cands):])
     m1 = tuning.candidates(1, n, k, 64, sms=132)
     assert m1[:len(cands)] == cands and {c.kind for c in m1[len(cands):]} == {"gemv", "gemvc"}  # both gemvs
     assert any(c.split_k > 1 for c in m1[len(cands):])
