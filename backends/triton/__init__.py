@@ -3,6 +3,8 @@
 - :mod:`.layout`: the GPU layout (2-bit codes in lane-quad order, interleaved scales) and the
   repack from the reference layout; documented there and in ``docs/kernels.md``.
 - :mod:`.kernels`: the Triton kernels (fused decode/GEMM, dequantize-to-dense).
+- :mod:`.gemv` / :mod:`.gemv_chunk`: batch-1 kernels on the CUDA cores (word and chunk gemv).
+- :mod:`.mma16`: 2-16 rows of x, the chunk gemv's loads with ``mma.sync`` products (inline PTX).
 - :mod:`.launch`: one configuration, one launch.
 - :mod:`.splitk`: split-K for decode (K plan, reduce kernel, default split heuristic).
 - :mod:`.tuning`: configuration choice per shape, cached on disk per GPU model.
