@@ -134,6 +134,18 @@ def _ld_x(x_chunk, tok, M, V: tl.constexpr, MASK: tl.constexpr, STRIDED: tl.cons
 
 
 @triton.jit
+def _ld_x_tiles(x0, x1, c, tok0, M, CK: tl.constexpr, V: tl.constexpr, NJ: tl.constexpr, MASK: tl.constexpr,
+                STRIDED: tl.constexpr):
+    """Chunk ``c``'s x pairs of both n-tiles (tokens ``tok0`` and ``tok0 + 8``; the second is the
+    first again when ``NJ == 1``)."""
+    xa = _ld_x(x0 + c * (CK // 2), tok0, M, V, MASK, STRIDED)
+    xb = xa
+    if NJ == 2:
+        xb = _ld_x(x1 + c * (CK // 2), tok0 + 8, M, V, MASK, STRIDED)
+    return xa, xb
+
+
+@triton.jit
 def _x_pairs(addr, ok, W: tl.constexpr, MASK: tl.constexpr):
     """The eight x pairs of the word ``W`` words after ``addr`` (asm), zero where ``ok`` is false (``MASK``)."""
     if W < 4:
@@ -351,25 +363,16 @@ def db_mma16_kernel(
     wa, wb, sca, scb = _load_chunk(qa, qb, sa, sb, c_lo, CK, GROUP, V, USE_ASM, L2PF, STRIDED)
     if USE_ASM:
         if PREFETCH_X:
-            xa = _ld_x(x0 + c_lo * (CK // 2), tok0, M, V, MASK_M, STRIDED)
-            xb = xa
-            if NJ == 2:
-                xb = _ld_x(x1 + c_lo * (CK // 2), tok0 + 8, M, V, MASK_M, STRIDED)
+            xa, xb = _ld_x_tiles(x0, x1, c_lo, tok0, M, CK, V, NJ, MASK_M, STRIDED)
     for c in range(c_lo, c_hi):
         # the next chunk's words and scales (the last iteration re-reads its own chunk)
         c_next = tl.minimum(c + 1, c_hi - 1)
         nwa, nwb, nsca, nscb = _load_chunk(qa, qb, sa, sb, c_next, CK, GROUP, V, USE_ASM, L2PF, STRIDED)
         if USE_ASM:
             if PREFETCH_X:
-                nxa = _ld_x(x0 + c_next * (CK // 2), tok0, M, V, MASK_M, STRIDED)
-                nxb = nxa
-                if NJ == 2:
-                    nxb = _ld_x(x1 + c_next * (CK // 2), tok0 + 8, M, V, MASK_M, STRIDED)
+                nxa, nxb = _ld_x_tiles(x0, x1, c_next, tok0, M, CK, V, NJ, MASK_M, STRIDED)
             else:
-                xa = _ld_x(x0 + c * (CK // 2), tok0, M, V, MASK_M, STRIDED)
-                xb = xa
-                if NJ == 2:
-                    xb = _ld_x(x1 + c * (CK // 2), tok0 + 8, M, V, MASK_M, STRIDED)
+                xa, xb = _ld_x_tiles(x0, x1, c, tok0, M, CK, V, NJ, MASK_M, STRIDED)
             acc0 = _chunk_mma(wa, wb, sca, scb, xa, acc0, V)
             if NJ == 2:
                 acc1 = _chunk_mma(wa, wb, sca, scb, xb, acc1, V)
