@@ -32,16 +32,14 @@ from bench_kernels import G, copy_bandwidth, graph_ms, machine_info, n_layers, r
 
 
 def dequant_into(gw, w: torch.Tensor, row0: int = 0, rows: int | None = None) -> None:
-    """Decode rows ``[row0, row0 + rows)`` of ``gw`` into ``w`` (dense ``[rows, K]`` view)."""
-    from dbllm_compile.backends.triton.kernels import db_dequant_kernel
+    """Decode rows ``[row0, row0 + rows)`` of ``gw`` into ``w`` (dense ``[rows, K]`` view), with the
+    dequant path's default block shape (:func:`~dbllm_compile.backends.triton.launch.launch_dequant`)."""
+    from dbllm_compile.backends.triton.launch import launch_dequant
+    from dbllm_compile.backends.triton.layout import GpuWeights
 
     rows = gw.out_features - row0 if rows is None else rows
-    qw, sc = gw.qweight[row0:row0 + rows], gw.scales[row0:row0 + rows]
-    k = gw.in_features
-    grid = (-(-rows // 32), -(-k // 512))
-    db_dequant_kernel[grid](qw, sc, w, rows, k, qw.stride(0), sc.stride(0), w.stride(0),
-                            GROUP=G, BLOCK_N=32, BLOCK_K=512, IS_BF16=(w.dtype == torch.bfloat16),
-                            USE_ASM=True, num_warps=4)
+    part = GpuWeights(gw.qweight[row0:row0 + rows], gw.scales[row0:row0 + rows], gw.in_features, gw.group_size)
+    launch_dequant(part, w.dtype, out=w)
 
 
 def case(n: int, k: int, m: int, l2: int, chunks: list[int]) -> dict:

@@ -93,6 +93,11 @@ def test_dequantize_kernel_is_exact(dtype, g):
     for cfg in (KernelConfig(kind="dequant", block_n=16, block_k=128), KernelConfig(kind="dequant", block_n=8, block_k=256)):
         w = launch.launch_dequant(gw, dtype, cfg)
         assert torch.equal(w.cpu(), dbt.dequantize_gpu_layout(gw).cpu()), cfg.short()
+    wide = torch.zeros(n, k + 8, dtype=dtype, device=DEVICE)  # into a caller's buffer with a row stride
+    assert launch.launch_dequant(gw, dtype, cfg, out=wide[:, 4:4 + k]).data_ptr() == wide[:, 4:].data_ptr()
+    assert torch.equal(wide[:, 4:4 + k].cpu(), w.cpu()) and not wide[:, :4].any() and not wide[:, 4 + k:].any()
+    with pytest.raises(ValueError, match="unit stride along K"):
+        launch.launch_dequant(gw, dtype, cfg, out=wide[:, :k].t().contiguous().t())
 
 
 @pytest.mark.parametrize("shape", [(1, 100), (5, 100), (2, 3, 100)], ids=["m1", "odd-m", "3d"])

@@ -392,8 +392,9 @@ def _gemv_loads(xp: torch.Tensor, m: int, k: int, cfg: KernelConfig) -> int:
 
 
 def launch_dequant(gw: GpuWeights, dtype: torch.dtype, cfg: KernelConfig | None = None,
-                   wrap: bool = False) -> torch.Tensor:
-    """Dense ``[N, K]`` weight in ``dtype`` (must be the dtype the scales were prepared for)."""
+                   wrap: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` (must be the dtype the scales were prepared for),
+    written into ``out`` (``[N, K]``, unit stride along K, any row stride) when given."""
     from .kernels import db_dequant_kernel
 
     cfg = cfg or KernelConfig(kind="dequant", block_n=32, block_k=512, num_warps=4)
@@ -401,7 +402,10 @@ def launch_dequant(gw: GpuWeights, dtype: torch.dtype, cfg: KernelConfig | None 
         raise TypeError(f"db_linear (triton): dequantize to {dtype} needs scales prepared for it, got {gw.scales.dtype}")
     n, k = gw.out_features, gw.in_features
     bk = max(cfg.block_k, gw.group_size)
-    w = torch.empty(n, k, dtype=dtype, device=gw.qweight.device)
+    if out is not None and (out.shape != (n, k) or out.dtype != dtype or (k > 1 and out.stride(1) != 1)):
+        raise ValueError(f"db_linear (triton): dequantize needs out [{n}, {k}] {dtype} with unit stride along K, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    w = torch.empty(n, k, dtype=dtype, device=gw.qweight.device) if out is None else out
     grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(k, bk))
     _kernel(db_dequant_kernel, wrap)[grid](
         gw.qweight, gw.scales, w, n, k, gw.qweight.stride(0), gw.scales.stride(0), w.stride(0),
